@@ -698,3 +698,34 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def init_distributed(device_arg="auto"):
+    """(rank, world_size, device). Under `torchrun --nproc_per_node N script.py` (which sets RANK,
+    WORLD_SIZE, LOCAL_RANK) every process joins one process group: NCCL on GPUs, gloo on CPU, and
+    takes GPU number LOCAL_RANK. A plain `python script.py` is rank 0 of 1 and needs no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_arg)
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over the processes of a data-parallel run (a no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def close_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

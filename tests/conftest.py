@@ -1,11 +1,13 @@
 """Shared test fixtures: where the data is, and tiny random checkpoints in Hugging Face layout."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))          # the scripts are top-level modules: `pytest` works from anywhere
 
 
 @pytest.fixture(scope="session")

@@ -151,7 +151,9 @@ def test_sib200_real(data_dir):
     assert train[0]["index_id"] == 431 and train[0]["category"] == "geography"
     assert train[0]["text"].startswith("Turkey is encircled by seas on three sides")
     assert all(r["label"] == data.SIB200_LABELS.index(r["category"]) for r in train)
-    assert Counter(r["category"] for r in train) == {      # SOURCE.md
+    # SOURCE.md's "label counts in train" are in fact over all 1,004 rows (train 701 + dev 99 + test 204).
+    every = [r for s in ("train", "dev", "test") for r in data.read_sib200(data_dir, "eng_Latn", s)]
+    assert Counter(r["category"] for r in every) == {
         "science/technology": 252, "travel": 198, "politics": 146, "sports": 122, "health": 110,
         "entertainment": 93, "geography": 83}
     assert sorted(data.SIB200_LABELS) == sorted((data_dir / "sib200" / "labels.txt").read_text().split())
@@ -433,7 +435,7 @@ def random_batch(B, T, vocab_size, seed):
 
 
 def test_mask_tokens_statistics():
-    ids, attention = random_batch(512, 256, 1000, seed=0)
+    ids, attention = random_batch(800, 256, 1000, seed=0)
     original = ids.clone()
     g = torch.Generator().manual_seed(1)
     masked, labels = data.mask_tokens(ids, attention, SPECIALS, MASK, 1000, g)

@@ -1,0 +1,574 @@
+"""bench.py: how fast model.py's encoder trains and infers, against transformers' BERT, in one process.
+
+    python bench.py                                    # e5-small and BERT-base shapes, batch 32, length 128
+    python bench.py --device cuda --dtype bf16 --configs bert-base
+    python bench.py --no_reference --json out/bench.json
+
+What it does, for each config (an architecture shape with random weights, no download needed):
+  1. Builds model.py's Encoder, saves it with save_pretrained, loads that directory with
+     transformers.AutoModel (attn_implementation="sdpa", no pooler), so both hold identical weights,
+     and prints the largest output difference (eval mode, same batch) before timing anything.
+  2. Times the training step of both: forward, loss, backward, AdamW step, zero_grad. Same batch
+     (random ids, full length; --padding pads the tail of half the rows), same loss (mean square of
+     the last hidden state), same optimizer (model.configure_optimizer: AdamW, foreach on CPU, fused on
+     CUDA, weight decay on matrices only) over the same parameters, both in train mode with the same
+     dropout (--dropout, BERT's 0.1 by default). Then inference (eval mode, inference_mode, forward only).
+     By default the step runs under bf16 autocast on CUDA and in fp32 on CPU, as model.autocast does in
+     every script (--dtype to choose).
+  3. Interleaves: every round times ours, theirs (alternating which goes first) and one large matmul,
+     after --warmup rounds; the figure reported is the median over --repeats rounds. A shared or
+     throttling machine slows all three alike, so the ratio and the fraction of peak stay honest even
+     when the absolute numbers drift.
+  4. Reports achieved FLOP/s (formula in step_flops) against the matmul peak measured in those same
+     rounds, and on CUDA the MFU against the card's datasheet dense bf16 peak (--peak_tflops to set).
+  5. Breaks our step down into forward / backward / optimizer, and measures the optimizer step with the
+     word-embedding matrix trainable vs frozen, plus the dense word-embedding gradient that backward
+     has to build when it is trainable: the reason the scripts freeze it while fine-tuning.
+
+transformers is only the reference here (pip install transformers to compare); --no_reference times
+ours alone.
+"""
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+
+import torch
+
+import model as M
+
+# Architecture shapes (Hugging Face config names). e5-small: intfloat/multilingual-e5-small, a BertModel
+# with XLM-R's 250k-piece vocabulary; bert-base: bert-base-uncased; mbert-base: bert-base-multilingual-cased.
+SHAPES = {
+    "e5-small": dict(vocab_size=250037, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
+                     intermediate_size=1536),
+    "bert-base": dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                      intermediate_size=3072),
+    "mbert-base": dict(vocab_size=119547, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072),
+    "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, max_position_embeddings=128),
+}
+
+# Datasheet dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against torch.cuda.get_device_name
+# in this order (first match wins, so the specific names come before the generic ones).
+CARD_PEAKS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+              ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+              ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("A6000", 155.0)]
+
+EMBEDDING_TABLES = ("embed.word.weight", "embed.position.weight", "embed.token_type.weight")
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOP accounting
+# ----------------------------------------------------------------------------------------------------
+
+def non_embedding_params(encoder):
+    """Parameters of everything but the three embedding tables (word, position, token type): the N of
+    the 6N rule. The embedding LayerNorm counts (it is 2H numbers); an embedding lookup is no matmul."""
+    return sum(p.numel() for n, p in encoder.named_parameters() if n not in EMBEDDING_TABLES)
+
+
+def step_flops(n_nonembed, layers, hidden, batch, seq):
+    """FLOPs of one training step on `batch` full sequences of length `seq`.
+
+    Dense part: every non-embedding weight does one multiply-add per token forward (2N FLOPs/token) and
+    two backward (gradient w.r.t. the input and w.r.t. the weight: 4N), so 6 * N * tokens.
+    Attention part, which has no weights: per layer and sequence, QK^T is a (T x d) @ (d x T) product
+    per head, T*T*d multiply-adds, so over the heads T^2 * H multiply-adds = 2 T^2 H FLOPs; AV is
+    the same again: 4 T^2 H forward. Backward is twice forward, so 12 * L * T^2 * H per sequence.
+    Softmax, LayerNorm, GELU and the optimizer are not counted (the usual convention; they are memory-bound).
+    """
+    tokens = batch * seq
+    return 6 * n_nonembed * tokens + 12 * layers * batch * seq * seq * hidden
+
+
+def inference_flops(n_nonembed, layers, hidden, batch, seq):
+    """Forward only: 2 * N * tokens + 4 * L * T^2 * H per sequence (see step_flops)."""
+    return 2 * n_nonembed * batch * seq + 4 * layers * batch * seq * seq * hidden
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing helpers
+# ----------------------------------------------------------------------------------------------------
+
+def amp(device, dtype):
+    """The compute dtype as an autocast context. bf16 is what model.autocast gives on CUDA (the scripts'
+    default there); fp32 what it gives on CPU. Either can be asked for on either device."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _clock(device):
+    _sync(device)
+    return time.perf_counter()
+
+
+def card_peak_tflops(name):
+    for key, tflops in CARD_PEAKS:
+        if key.lower() in name.lower():
+            return tflops
+    return None
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Peak:
+    """A large square matmul in the step's compute dtype: the machine's attainable matmul FLOP/s."""
+
+    def __init__(self, device, dtype, size):
+        self.device, self.size = device, size
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
+        self.inner = 10 if device.type == "cuda" else 1      # a GPU matmul is too short to time alone
+        self.times = []
+
+    def run(self, record=True):
+        t0 = _clock(self.device)
+        for _ in range(self.inner):
+            torch.mm(self.a, self.b)
+        dt = (_clock(self.device) - t0) / self.inner
+        if record:
+            self.times.append(dt)
+        return dt
+
+    def tflops(self):
+        return 2 * self.size ** 3 / statistics.median(self.times) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two models
+# ----------------------------------------------------------------------------------------------------
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise M.XltError("transformers is not installed: pip install transformers to compare "
+                         "(or pass --no_reference to time model.py's encoder alone)") from None
+    return transformers
+
+
+def build_models(config, device, reference, seed):
+    """(ours, theirs or None): model.py's Encoder with random weights, and transformers' model loaded from
+    the directory our save_pretrained wrote, so the weights are identical by construction."""
+    torch.manual_seed(seed)
+    ours = M.Encoder(config)
+    theirs = None
+    if reference:
+        transformers = import_transformers()
+        with tempfile.TemporaryDirectory(prefix="xlt-bench-") as tmp:
+            ours.save_pretrained(os.path.join(tmp, "model"))
+            prev = transformers.logging.get_verbosity()
+            transformers.utils.logging.disable_progress_bar()
+            transformers.logging.set_verbosity_error()
+            try:
+                theirs = transformers.AutoModel.from_pretrained(
+                    os.path.join(tmp, "model"), attn_implementation="sdpa", add_pooling_layer=False,
+                    dtype=torch.float32)
+            finally:
+                transformers.logging.set_verbosity(prev)
+        theirs.to(device)
+    return ours.to(device), theirs
+
+
+class Runner:
+    """One model with its optimizer, and a uniform forward(input_ids, attention_mask) -> (B, T, H)."""
+
+    def __init__(self, name, module, forward, device, dtype, compile_):
+        self.name, self.module, self.device, self.dtype = name, module, device, dtype
+        self.forward = torch.compile(forward) if compile_ else forward
+        self.opt = M.configure_optimizer([module], lr=1e-5, weight_decay=0.01, device=device)
+        self.train_times, self.infer_times = [], []
+        self.phases = {"forward": [], "backward": [], "optimizer": []}
+
+    def train_step(self, batch, split):
+        """One step. With split, the clock is read (and on CUDA the stream synchronised) between the
+        phases; without, only around the whole step, which is then free of host synchronisation."""
+        dev = self.device
+        t0 = _clock(dev)
+        with amp(dev, self.dtype):
+            h = self.forward(batch["input_ids"], batch["attention_mask"])
+            loss = h.float().pow(2).mean()
+        t1 = _clock(dev) if split else None
+        loss.backward()
+        t2 = _clock(dev) if split else None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t3 = _clock(dev)
+        return t3 - t0, ((t1 - t0, t2 - t1, t3 - t2) if split else None)
+
+    def infer(self, batch):
+        dev = self.device
+        self.module.eval()
+        try:
+            t0 = _clock(dev)
+            with torch.inference_mode(), amp(dev, self.dtype):
+                self.forward(batch["input_ids"], batch["attention_mask"])
+            return _clock(dev) - t0
+        finally:
+            self.module.train()
+
+
+def make_batch(config, batch_size, seq_len, padding, device, seed):
+    """Random token ids (no special-token structure needed for timing) and an attention mask. With
+    padding > 0 the odd rows have their last padding*seq_len positions padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, config.vocab_size, (batch_size, seq_len), generator=g)
+    mask = torch.ones(batch_size, seq_len, dtype=torch.long)
+    n_pad = int(round(padding * seq_len))
+    if n_pad:
+        mask[1::2, seq_len - n_pad:] = 0
+        ids[mask == 0] = config.pad_token_id
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def max_abs_diff(ours, theirs, batch, device, dtype):
+    ours.eval(), theirs.eval()
+    try:
+        with amp(device, dtype):
+            a = ours(batch["input_ids"], batch["attention_mask"]).float()
+            b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state.float()
+        return (a - b).abs().max().item()
+    finally:
+        ours.train(), theirs.train()
+
+
+@contextlib.contextmanager
+def count_host_syncs(device, counter):
+    """On CUDA, count the operations that make the host wait for the GPU (torch's sync debug mode)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        counter.append(sum("synchroniz" in str(w.message) for w in caught))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One config
+# ----------------------------------------------------------------------------------------------------
+
+def bench_config(name, args, device, log):
+    shape = dict(SHAPES[name])
+    config = M.Config(model_type="bert", hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout,
+                      **shape)
+    if args.seq_len > config.max_position_embeddings:
+        raise M.XltError(f"--seq_len {args.seq_len} exceeds the {name} shape's {config.max_position_embeddings} positions")
+    ours, theirs = build_models(config, device, not args.no_reference, args.seed)
+    compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    batch = make_batch(config, args.batch_size, args.seq_len, args.padding, device, args.seed)
+
+    res = {"config": name, "shape": shape, "batch_size": args.batch_size, "seq_len": args.seq_len,
+           "padding": args.padding, "dropout": args.dropout}
+    if theirs is not None:
+        res["max_abs_diff"] = max_abs_diff(ours, theirs, batch, device, args.dtype)
+        log(f"[{name}] outputs of ours and transformers' on the same batch (eval): max |diff| = {res['max_abs_diff']:.2e}")
+
+    runners = [Runner("ours", ours, lambda i, m: ours(i, m), device, args.dtype, args.compile)]
+    if theirs is not None:
+        runners.append(Runner("transformers", theirs,
+                              lambda i, m: theirs(input_ids=i, attention_mask=m).last_hidden_state,
+                              device, args.dtype, args.compile))
+    ours.train()
+    if theirs is not None:
+        theirs.train()
+    peak = Peak(device, compute_dtype, args.peak_size)
+    split = device.type != "cuda"          # on CPU reading the clock between phases costs nothing
+    rounds = args.warmup + args.repeats
+    t_start = time.perf_counter()
+    for r in range(rounds):
+        record = r >= args.warmup
+        order = runners if r % 2 == 0 else runners[::-1]
+        for run in order:
+            dt, phases = run.train_step(batch, split)
+            if record:
+                run.train_times.append(dt)
+                if phases:
+                    for k, v in zip(("forward", "backward", "optimizer"), phases):
+                        run.phases[k].append(v)
+        for run in order:
+            dt = run.infer(batch)
+            if record:
+                run.infer_times.append(dt)
+        peak.run(record=record)
+        steps = ", ".join(f"{run.name} step {run.train_times[-1] * 1e3:.0f} ms" for run in runners) if record else "warm-up"
+        log(f"[{name}] round {r + 1}/{rounds}: {steps} ({time.perf_counter() - t_start:.0f} s)")
+
+    if device.type == "cuda":
+        # The phase breakdown needs a synchronisation between phases: separate steps, not the timed ones.
+        for r in range(args.repeats + 1):
+            for run in runners:
+                _, phases = run.train_step(batch, True)
+                if r:
+                    for k, v in zip(("forward", "backward", "optimizer"), phases):
+                        run.phases[k].append(v)
+        for run in runners:
+            counter = []
+            with count_host_syncs(device, counter):
+                run.train_step(batch, False)
+            res.setdefault("host_syncs_per_step", {})[run.name] = counter[0]
+
+    n_ne = non_embedding_params(ours)
+    L, H, B, T = config.num_hidden_layers, config.hidden_size, args.batch_size, args.seq_len
+    flops = {"train": step_flops(n_ne, L, H, B, T), "infer": inference_flops(n_ne, L, H, B, T)}
+    peak_tflops = peak.tflops()
+    res.update(non_embedding_params=n_ne, total_params=sum(p.numel() for p in ours.parameters()),
+               flops=flops, measured_peak_tflops=peak_tflops)
+    for run in runners:
+        out = res.setdefault(run.name, {})
+        for kind, times in (("train", run.train_times), ("infer", run.infer_times)):
+            ms = statistics.median(times) * 1e3
+            tflops = flops[kind] / (ms / 1e3) / 1e12
+            out[kind] = {"ms": ms, "all_ms": [t * 1e3 for t in times], "tflops": tflops,
+                         "fraction_of_measured_peak": tflops / peak_tflops}
+            if args.peak_tflops:
+                out[kind]["mfu"] = tflops / args.peak_tflops
+        out["phases_ms"] = {k: statistics.median(v) * 1e3 for k, v in run.phases.items()}
+    if theirs is not None:
+        res["speedup"] = {k: res["transformers"][k]["ms"] / res["ours"][k]["ms"] for k in ("train", "infer")}
+    res["optimizer"] = optimizer_breakdown(runners[0], batch, args, device)
+    del runners, ours, theirs
+    return res
+
+
+def optimizer_breakdown(run, batch, args, device):
+    """The optimizer step over all parameters vs with the word embeddings frozen (the scripts' default
+    when fine-tuning), and the dense word-embedding gradient that backward builds when they are trainable."""
+    enc = run.module
+    word = enc.embed.word.weight
+    word.requires_grad_(False)
+    try:
+        frozen = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01, device=device)
+    finally:
+        word.requires_grad_(True)
+    with amp(device, args.dtype):
+        loss = run.forward(batch["input_ids"], batch["attention_mask"]).float().pow(2).mean()
+    loss.backward()          # gradients for every parameter; both optimizers step on them, never zeroed
+    frozen.step()            # the frozen optimizer's state is created lazily: not timed
+    t_all, t_frozen = [], []
+    for r in range(args.repeats):
+        for opt, times in ((run.opt, t_all), (frozen, t_frozen))[:: 1 if r % 2 == 0 else -1]:
+            t0 = _clock(device)
+            opt.step()
+            times.append(_clock(device) - t0)
+    # What backward does for a trainable nn.Embedding: a dense (V, H) gradient, zero-filled, then the
+    # incoming gradients of every token summed into their rows.
+    B, T, H = batch["input_ids"].shape + (enc.config.hidden_size,)
+    g = torch.randn(B, T, H, device=device)
+    t_grad = []
+    for r in range(args.repeats + 1):
+        t0 = _clock(device)
+        torch.ops.aten.embedding_dense_backward(g, batch["input_ids"], enc.config.vocab_size, -1, False)
+        if r:
+            t_grad.append(_clock(device) - t0)
+    run.opt.zero_grad(set_to_none=True)
+    del frozen
+    n_word = word.numel()
+    n_all = sum(p.numel() for p in enc.parameters())
+    return {"all_params": n_all, "word_embedding_params": n_word,
+            "step_ms_trainable": statistics.median(t_all) * 1e3,
+            "step_ms_frozen": statistics.median(t_frozen) * 1e3,
+            "word_embedding_grad_ms": statistics.median(t_grad) * 1e3}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------
+
+def _row(cells, widths):
+    return "| " + " | ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+
+def format_table(header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = [_row(header, widths), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(lines + [_row(r, widths) for r in rows])
+
+
+def report(results, meta, args):
+    out = []
+    mfu = args.peak_tflops is not None
+    header = ["config", "phase", "ours ms", "transformers ms", "speedup", "ours TFLOP/s", "% of measured peak"]
+    if mfu:
+        header.append(f"MFU (of {args.peak_tflops:g})")
+    rows = []
+    for r in results:
+        for kind, label in (("train", "train step"), ("infer", "inference")):
+            o = r["ours"][kind]
+            t = r.get("transformers", {}).get(kind)
+            row = [r["config"], label, f"{o['ms']:.1f}", f"{t['ms']:.1f}" if t else "-",
+                   f"{r['speedup'][kind]:.2f}x" if t else "-", f"{o['tflops']:.3f}",
+                   f"{100 * o['fraction_of_measured_peak']:.0f}%"]
+            if mfu:
+                row.append(f"{100 * o['mfu']:.1f}%")
+            rows.append(row)
+    out.append(format_table(header, rows))
+    out.append("speedup = transformers ms / ours ms (>= 1: model.py is at least as fast). Medians of "
+               f"{args.repeats} interleaved rounds after {args.warmup} warm-up.")
+
+    header = ["config", "model", "forward", "backward", "optimizer", "step"]
+    rows = []
+    for r in results:
+        for name in ("ours", "transformers"):
+            if name in r:
+                p = r[name]["phases_ms"]
+                rows.append([r["config"], name, f"{p['forward']:.1f}", f"{p['backward']:.1f}",
+                             f"{p['optimizer']:.1f}", f"{r[name]['train']['ms']:.1f}"])
+    out.append("\nWhere the training step's time goes (ms, medians; forward includes the loss):")
+    out.append(format_table(header, rows))
+
+    header = ["config", "params", "word emb.", "opt step, emb trainable", "opt step, emb frozen",
+              "emb grad in backward", "saved by freezing", "share of step"]
+    rows = []
+    for r in results:
+        o = r["optimizer"]
+        saved = o["step_ms_trainable"] - o["step_ms_frozen"] + o["word_embedding_grad_ms"]
+        rows.append([r["config"], f"{o['all_params'] / 1e6:.1f}M", f"{o['word_embedding_params'] / 1e6:.1f}M",
+                     f"{o['step_ms_trainable']:.1f} ms", f"{o['step_ms_frozen']:.1f} ms",
+                     f"{o['word_embedding_grad_ms']:.1f} ms", f"{saved:.1f} ms",
+                     f"{100 * saved / r['ours']['train']['ms']:.0f}%"])
+    out.append("\nThe word-embedding matrix, trainable vs frozen (model.py's step; AdamW "
+               f"{'fused' if meta['device'] == 'cuda' else 'foreach'}):")
+    out.append(format_table(header, rows))
+
+    notes = []
+    for r in results:
+        line = (f"{r['config']}: N_nonembed = {r['non_embedding_params'] / 1e6:.2f}M, "
+                f"{r['flops']['train'] / 1e12:.3f} TFLOP per step, {r['flops']['infer'] / 1e12:.3f} per inference, "
+                f"measured matmul peak {r['measured_peak_tflops']:.3f} TFLOP/s")
+        if "max_abs_diff" in r:
+            line += f", max |ours - transformers| = {r['max_abs_diff']:.1e}"
+        if "host_syncs_per_step" in r:
+            line += f", host syncs per step {r['host_syncs_per_step']}"
+        notes.append(line)
+    out.append("\n" + "\n".join(notes))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["e5-small", "bert-base"], choices=list(SHAPES),
+                   help="architecture shapes to time (mbert-base: BERT-base with mBERT's 119547-piece vocabulary)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--padding", type=float, default=0.0,
+                   help="pad this fraction of the positions of every other row (0: full-length rows, "
+                        "which the FLOP count assumes; padded positions are still computed and counted)")
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout of both models (train mode)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="compute dtype (bf16: autocast, weights and optimizer in fp32). auto: bf16 on CUDA, "
+                        "fp32 on CPU, what model.autocast gives the scripts")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
+    p.add_argument("--no_reference", action="store_true", help="time model.py's encoder alone (no transformers)")
+    p.add_argument("--peak_size", type=int, default=None,
+                   help="side of the square matmul that measures the peak (default 4096 on CPU, 8192 on CUDA)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the card's bf16 peak for MFU (default on CUDA: looked up from the card's name)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    return p.parse_args(argv)
+
+
+def main(argv=None, log=print):
+    args = parse_args(argv)
+    device = M.pick_device(args.device)
+    if args.dtype == "auto":
+        args.dtype = "bf16" if device.type == "cuda" else "fp32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_size is None:
+        args.peak_size = 8192 if device.type == "cuda" else 4096
+    if args.repeats < 1 or args.warmup < 0:
+        raise M.XltError("--repeats must be >= 1 and --warmup >= 0")
+    if not args.no_reference:
+        import_transformers()
+
+    meta = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "dtype": args.dtype, "argv": sys.argv[1:] if argv is None else list(argv)}
+    if device.type == "cuda":
+        meta["device_name"] = torch.cuda.get_device_name(device)
+        if args.peak_tflops is None:
+            args.peak_tflops = card_peak_tflops(meta["device_name"])
+    else:
+        meta["device_name"] = cpu_name()
+    if not args.no_reference:
+        meta["transformers"] = import_transformers().__version__
+    meta["card_peak_tflops"] = args.peak_tflops
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    log(f"bench.py: {meta['device_name']} ({device.type}, {meta['threads']} threads), {args.dtype}, "
+        f"torch {meta['torch']}" + (f", transformers {meta['transformers']}" if "transformers" in meta else "")
+        + (f"; load average {load[0]:.1f} at start" if load else ""))
+    log(f"batch {args.batch_size} x length {args.seq_len}, padding {args.padding:g}, dropout {args.dropout:g} "
+        f"(both models in train mode), AdamW over all parameters, loss = mean(h^2); {args.warmup} warm-up + "
+        f"{args.repeats} timed rounds, ours/transformers/peak-matmul interleaved in every round")
+    if device.type == "cuda" and args.peak_tflops is None:
+        log(f"MFU: no datasheet peak known for {meta['device_name']}; pass --peak_tflops")
+
+    t0 = time.perf_counter()
+    results = []
+    for name in args.configs:
+        results.append(bench_config(name, args, device, log))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    meta["seconds"] = time.perf_counter() - t0
+    if load:
+        meta["load_average_start"] = load[0]
+        meta["load_average_end"] = os.getloadavg()[0]
+    log("")
+    log(report(results, meta, args))
+    if load:
+        log(f"load average {meta['load_average_start']:.1f} at start, {meta['load_average_end']:.1f} at end "
+            f"on {os.cpu_count()} CPUs: above the CPU count the machine was shared, so the absolute numbers are "
+            "low and noisy; the interleaved ratios and the fraction of the peak measured alongside are the comparable figures.")
+    log(f"{meta['seconds']:.0f} s")
+    out = {"meta": meta, "args": vars(args), "results": results}
+    if args.json:
+        d = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(d, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except M.XltError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
