@@ -640,7 +640,7 @@ def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
 def load_with_head(path):
     """A directory written by save_pretrained(..., head=...): (encoder, head, config.json dict)."""
     path = resolve_checkpoint(path)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
     if "xlt_head" not in cfg:
         raise CheckpointError(f"{path}: config.json has no xlt_head (not a fine-tuned xlt classifier/tagger)")
     spec = cfg["xlt_head"]

@@ -1,0 +1,240 @@
+"""Tests of evaluate.py: metrics against hand computation, retrieval, tables, atomic JSON, pooling,
+prediction order, and the command line on tiny checkpoints with real SIB-200 / Tatoeba rows."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import data
+import evaluate as ev
+import model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_accuracy_and_macro_f1_by_hand():
+    labels = [0, 0, 1, 1, 2, 3]
+    preds = [0, 1, 1, 1, 2, 2]   # class 3 is never predicted; class 4 occurs nowhere
+    assert ev.accuracy(preds, labels) == pytest.approx(100 * 4 / 6)
+    # F1 = 2TP / (2TP + FP + FN): class 0: 2/3, class 1: 4/5, class 2: 2/3, class 3: 0, class 4 skipped
+    assert ev.macro_f1(preds, labels, num_labels=5) == pytest.approx(100 * (2 / 3 + 4 / 5 + 2 / 3 + 0) / 4)
+    assert ev.macro_f1(labels, labels, num_labels=5) == pytest.approx(100.0)
+    with pytest.raises(ValueError):
+        ev.accuracy([0, 1], [0])
+    with pytest.raises(ValueError):
+        ev.macro_f1([0], [0, 1], 2)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+
+def test_retrieval_top1_cosine_both_directions():
+    src = torch.tensor([[1.0, 0.0], [0.0, 3.0], [1.0, 0.2]])
+    # tgt[2] is long: with a dot product src[0] would retrieve it, with cosine src[0] retrieves tgt[0]
+    tgt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 6.0]])
+    # src[2] = (1, .2) is closer to tgt[0] (cos .98) than to its translation tgt[2] (cos .94): wrong;
+    # every tgt row's nearest src row is its own translation (tgt[2] -> src[2], cos .94 > .86)
+    s2t, t2s = ev.retrieval_top1(src, tgt)
+    assert s2t == pytest.approx(100 * 2 / 3)
+    assert t2s == pytest.approx(100.0)
+    assert ev.retrieval_top1(tgt, src) == pytest.approx((100.0, 100 * 2 / 3))
+    with pytest.raises(ValueError):
+        ev.retrieval_top1(src, tgt[:2])
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+def _cells(table, row):
+    line = next(line for line in table.splitlines() if line.startswith(f"| {row} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_markdown_table_averages_and_zero_shot_average():
+    results = {"baseline": {"eng": 90.0, "deu": 80.0, "fra": 70.0},
+               "ours": {"eng": 91.0, "deu": 84.0, "fra": 77.0}}
+    table = ev.markdown_table(results, train_lang="eng")
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header == ["method", "eng", "deu", "fra", "avg", "zero-shot avg"]
+    assert _cells(table, "baseline") == ["baseline", "90.0", "80.0", "70.0", "80.0", "75.0"]
+    assert _cells(table, "ours") == ["ours", "91.0", "84.0", "77.0", "84.0", "80.5"]
+    # without a train language there is no zero-shot column; a single flat row works; digits are honoured
+    single = ev.markdown_table({"eng": 50.0, "deu": 25.25}, digits=2)
+    assert "zero-shot" not in single
+    assert _cells(single, "score") == ["score", "50.00", "25.25", "37.62"]
+    # a missing cell prints '-' and the row's average is over the languages it has
+    gaps = ev.markdown_table({"a": {"x": 10.0, "y": 20.0}, "b": {"x": 40.0}})
+    assert _cells(gaps, "b") == ["b", "40.0", "-", "40.0"]
+
+
+def test_write_json_is_atomic_and_round_trips(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    obj = {"task": "sib200", "scores": {"eng_Latn": 81.4, "zho_Hans": 70.1}, "note": "ünïcode"}
+    ev.write_json(path, obj)
+    assert json.loads(path.read_text(encoding="utf-8")) == obj
+    assert path.read_text(encoding="utf-8").startswith('{\n  "task"')        # indent 2
+    ev.write_json(path, {"v": 2})                                           # replaces
+    assert json.loads(path.read_text()) == {"v": 2}
+    with pytest.raises(TypeError):                                          # not serialisable
+        ev.write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"v": 2}                        # old content intact
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp file left
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_embed_all_layers_and_padding_invariance(tiny_checkpoint, model_type):
+    path = tiny_checkpoint(model_type=model_type, layers=2)
+    enc = model.Encoder.from_pretrained(path)
+    tok = data.load_tokenizer(path)
+    short = "the cat"
+    long = "the first one and the other one were not in the new house of his"
+    vecs = ev.embed(enc, tok, [short, long], "cpu", all_layers=True)
+    assert vecs.shape == (3, 2, 32) and vecs.dtype == torch.float32          # L+1 states
+    last = ev.embed(enc, tok, [short, long], "cpu")
+    assert last.shape == (2, 32)
+    torch.testing.assert_close(last, vecs[-1])
+    # in a batch with the long sentence, the short one is padded: its vector must not change
+    alone = ev.embed(enc, tok, [short], "cpu", all_layers=True)
+    torch.testing.assert_close(vecs[:, :1], alone, atol=1e-5, rtol=1e-5)
+    # and it is the plain mean of its token states, computed without any padding at all
+    ids = torch.tensor([tok.encode(short).ids])
+    enc.eval()
+    with torch.no_grad():
+        h = enc(ids, torch.ones_like(ids))
+    torch.testing.assert_close(last[0], h[0].mean(0), atol=1e-5, rtol=1e-5)
+    # the prefix is put before the text
+    torch.testing.assert_close(ev.embed(enc, tok, ["cat"], "cpu", prefix="the "), last[:1], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+class LengthHead(nn.Module):
+    """Predicts each sequence's number of real tokens (so the prediction names its example), and records
+    the training flags it saw."""
+    num_labels = 64
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder, self.seen = encoder, []
+
+    def forward(self, h, attention_mask):
+        self.seen.append((self.training, self.encoder.training, torch.is_grad_enabled()))
+        return nn.functional.one_hot(attention_mask.sum(1), self.num_labels).float()
+
+
+def test_predict_classes_keeps_original_order_and_restores_mode(tiny_checkpoint):
+    path = tiny_checkpoint()
+    enc = model.Encoder.from_pretrained(path)
+    head = LengthHead(enc)
+    lengths = [7, 3, 12, 5, 3, 9, 4, 11, 6]
+    examples = [{"input_ids": list(range(5, 5 + n)), "token_type_ids": [0] * n} for n in lengths]
+    enc.train()
+    head.train()
+    assert ev.predict_classes(enc, head, examples, pad_id=0, device="cpu", batch_size=2) == lengths
+    assert head.seen and all(s == (False, False, False) for s in head.seen)   # eval mode, no autograd
+    assert enc.training and head.training                                     # modes restored
+    enc.eval()
+    assert ev.predict_classes(enc, head, examples, pad_id=0, device="cpu", batch_size=4) == lengths
+    assert not enc.training
+
+
+class AlwaysTag(nn.Module):
+    def __init__(self, tag):
+        super().__init__()
+        self.tag = tag
+
+    def forward(self, h, attention_mask=None):
+        return nn.functional.one_hot(torch.full(h.shape[:2], self.tag), len(data.UPOS_TAGS)).float()
+
+
+def test_pos_accuracy_counts_every_word(tiny_checkpoint):
+    path = tiny_checkpoint()
+    enc = model.Encoder.from_pretrained(path)
+    tok = data.load_tokenizer(path)
+    sents = [{"words": ["the", "house", "was", "new"], "upos": ["DET", "NOUN", "AUX", "ADJ"]},
+             {"words": ["a", "house"], "upos": ["DET", "NOUN"]}]
+    det = AlwaysTag(data.UPOS_TAGS.index("DET"))
+    assert ev.pos_accuracy(enc, det, tok, sents, "cpu") == pytest.approx(100 * 2 / 6)
+    noun = AlwaysTag(data.UPOS_TAGS.index("NOUN"))
+    assert ev.pos_accuracy(enc, noun, tok, sents, "cpu") == pytest.approx(100 * 2 / 6)
+    # max_len 3 = [CLS] word [SEP]: the words cut off count as wrong, not as absent
+    assert ev.pos_accuracy(enc, det, tok, sents, "cpu", max_len=3) == pytest.approx(100 * 2 / 6)
+    assert ev.pos_accuracy(enc, noun, tok, sents, "cpu", max_len=3) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def _finetuned(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint()
+    enc = model.Encoder.from_pretrained(path)
+    tok = data.load_tokenizer(path)
+    torch.manual_seed(0)
+    head = model.ClassificationHead(enc.config.hidden_size, len(data.SIB200_LABELS))
+    nn.init.normal_(head.out.weight, std=1.0)     # predictions that differ between sentences
+    out = tmp_path / "finetuned"
+    model.save_pretrained(enc, out, tokenizer=tok, head=head)
+    return out, path
+
+
+def test_cli_sib200_writes_documented_json(tiny_checkpoint, tmp_path, data_dir):
+    ckpt, _ = _finetuned(tiny_checkpoint, tmp_path)
+    out = tmp_path / "res" / "results.json"
+    ev.main(["--model", str(ckpt), "--task", "sib200", "--langs", "eng_Latn,fra_Latn", "--out", str(out),
+             "--data_dir", str(data_dir), "--device", "cpu"])
+    res = json.loads(out.read_text())
+    assert res["task"] == "sib200" and res["model"] == str(ckpt)
+    assert list(res["scores"]) == ["eng_Latn", "fra_Latn"]
+    assert all(0 <= v <= 100 and round(v, 1) == v for v in res["scores"].values())
+    assert res["average"] == pytest.approx(sum(res["scores"].values()) / 2, abs=0.051)
+    # the same numbers as the library call
+    enc, head, _ = model.load_with_head(ckpt)
+    direct = ev.sib200_scores(enc, head, data.load_tokenizer(ckpt), data_dir, ["eng_Latn", "fra_Latn"], "cpu")
+    assert res["scores"] == {k: round(v, 1) for k, v in direct.items()}
+
+
+def test_cli_tatoeba_per_layer_json(tiny_checkpoint, tmp_path, data_dir):
+    path = tiny_checkpoint(layers=2)
+    out = tmp_path / "tatoeba.json"
+    ev.main(["--model", str(path), "--task", "tatoeba", "--langs", "amh", "--per_layer", "--out", str(out),
+             "--data_dir", str(data_dir), "--device", "cpu"])
+    res = json.loads(out.read_text())
+    assert res["task"] == "tatoeba" and res["prefix"] == ""
+    assert list(res["scores"]) == ["amh"] and res["average"] == res["scores"]["amh"]
+    assert len(res["per_layer"]["amh"]) == 3                        # embeddings + 2 layers
+    assert res["per_layer"]["amh"][-1] == res["scores"]["amh"]      # the last state is the score
+    assert set(res["directions"]["amh"]) == {"xx->en", "en->xx"}
+
+
+def test_cli_errors_are_one_line(tiny_checkpoint, tmp_path, data_dir):
+    plain = tiny_checkpoint()                                        # an encoder without a task head
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", str(plain), "--task", "sib200", "--langs",
+                        "eng_Latn", "--data_dir", str(data_dir), "--device", "cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no xlt_head" in lines[0], r.stderr
+    # the other bad inputs raise XltError, which the same `except` turns into one line
+    for args, says in ((["--task", "tatoeba", "--langs", "xyz"], "no language xyz"),
+                       (["--task", "sib200", "--langs", "deu"], "FLORES-200 codes"),
+                       (["--task", "sib200", "--per_layer"], "--per_layer")):
+        with pytest.raises(model.XltError, match=says):
+            ev.main(["--model", str(plain), *args, "--data_dir", str(data_dir), "--device", "cpu"])
+
+
+def test_resolve_prefix_is_explicit():
+    assert ev.resolve_prefix("auto", "intfloat/multilingual-e5-small") == "query: "
+    assert ev.resolve_prefix("auto", "sentence-transformers/all-MiniLM-L6-v2") == ""
+    assert ev.resolve_prefix("auto", "out/finetune/best") == ""
+    assert ev.resolve_prefix("", "intfloat/multilingual-e5-small") == ""
+    assert ev.resolve_prefix("passage: ", "x") == "passage: "
+
+
+def test_default_languages():
+    assert len(ev.DEFAULT_SIB200_LANGS) == 14 and "eng_Latn" in ev.DEFAULT_SIB200_LANGS
+    assert len({lang.split("_")[1] for lang in ev.DEFAULT_SIB200_LANGS}) >= 7       # scripts
