@@ -616,6 +616,9 @@ def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                # mkdtemp makes 0700; the result is an ordinary directory
     try:
         cfg = encoder.config.to_hf()
         if encoder.mlm is not None:
