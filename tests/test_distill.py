@@ -1,0 +1,297 @@
+"""distill.py: the distillation losses against hand computations, their gradients, the data-parallel loss
+scaling, sharded prediction, and an end-to-end run of the script on tiny random models and real SIB-200 rows."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import distill
+import model
+from model import XltError
+
+
+def softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+# ----------------------------------------------------------------------------------------------------
+# approach 1: (1 - a) CE + a T^2 KL(p_t^T || p_s^T)
+# ----------------------------------------------------------------------------------------------------
+
+def test_kd_loss_matches_hand_computation():
+    s, t, y, a, T = [1.0, 2.0, 0.0], [0.5, -1.0, 2.0], 1, 0.3, 2.0
+    ce = -math.log(softmax(s)[y])
+    ps, pt = softmax([v / T for v in s]), softmax([v / T for v in t])
+    kl = sum(q * math.log(q / p) for p, q in zip(ps, pt))
+    expected = (1 - a) * ce + a * T * T * kl
+    got = distill.kd_loss(torch.tensor([s]), torch.tensor([t]), torch.tensor([y]), a, T)
+    assert got.shape == (1,)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_loss_is_per_example():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3])
+    full = distill.kd_loss(s, t, y, 0.5, 3.0)
+    rows = torch.cat([distill.kd_loss(s[i:i + 1], t[i:i + 1], y[i:i + 1], 0.5, 3.0) for i in range(4)])
+    assert torch.allclose(full, rows)
+
+
+def test_alpha_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g)
+    y = torch.randint(7, (6,), generator=g)
+    for T in (1.0, 4.0):
+        assert torch.allclose(distill.kd_loss(s, t, y, 0.0, T), F.cross_entropy(s, y, reduction="none"))
+
+
+def test_kl_is_zero_with_zero_gradient_when_teacher_equals_student():
+    s = torch.tensor([[0.3, -1.2, 2.0, 0.1]], requires_grad=True)
+    y = torch.tensor([2])
+    loss = distill.kd_loss(s, s.detach().clone(), y, 1.0, 2.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    loss.sum().backward()
+    assert s.grad.abs().max().item() < 1e-6          # float32 round-off only
+    # and it is positive as soon as they differ
+    assert distill.kd_loss(s.detach(), s.detach() + torch.tensor([[1.0, 0, 0, 0]]), y, 1.0, 2.0).item() > 1e-3
+
+
+def grad_norm_of_kl(s, t, T, times_t_squared):
+    s = s.clone().requires_grad_(True)
+    loss = distill.kd_loss(s, t, torch.zeros(len(s), dtype=torch.long), 1.0, T).sum()
+    if not times_t_squared:
+        loss = loss / T ** 2                       # the bare KL(p_t^T || p_s^T)
+    loss.backward()
+    return s.grad.norm().item()
+
+
+def test_temperature_squared_keeps_gradient_scale():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    Ts = (1.0, 2.0, 4.0, 8.0, 16.0)
+    with_t2 = [grad_norm_of_kl(s, t, T, True) for T in Ts]
+    bare = [grad_norm_of_kl(s, t, T, False) for T in Ts]
+    # High-temperature limit: d(T^2 KL)/dz_s = T (p_s^T - p_t^T) -> ((z_s - mean z_s) - (z_t - mean z_t)) / C.
+    c = lambda z: z - z.mean(-1, keepdim=True)
+    limit = ((c(s) - c(t)) / s.shape[1]).norm().item()
+    assert with_t2[-1] == pytest.approx(limit, rel=0.02)
+    assert with_t2[-2] / with_t2[-1] == pytest.approx(1.0, abs=0.05)          # roughly constant for large T
+    assert 0.5 < with_t2[0] / with_t2[-1] < 2.0                               # same order even at T = 1
+    for T, a, b in zip(Ts[2:], bare[1:], bare[2:]):                           # without T^2: shrinks like 1/T^2
+        assert a / b == pytest.approx(4.0, rel=0.1), T
+
+
+# ----------------------------------------------------------------------------------------------------
+# approach 2: ||W h_s + c - h~_t||^2 / d_t through a learned map
+# ----------------------------------------------------------------------------------------------------
+
+def test_representation_loss_value():
+    mapped = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    teacher = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    assert distill.representation_loss(mapped, teacher).tolist() == pytest.approx([0.5, 6.5])
+
+
+def tiny_encoder(hidden, seed=0):
+    torch.manual_seed(seed)
+    return model.Encoder(model.Config(vocab_size=40, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=2 * hidden, max_position_embeddings=32, pad_token_id=0))
+
+
+def test_projection_maps_student_width_to_teacher_width():
+    enc = tiny_encoder(48)
+    clf = distill.Classifier(enc, model.ClassificationHead(48, 7), proj=nn.Linear(48, 32))
+    ids = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
+    logits, z = clf(ids, (ids != 0).long())
+    assert logits.shape == (2, 7) and z.shape == (2, 32)
+    loss = distill.representation_loss(z, torch.zeros(2, 32)).mean()
+    loss.backward()
+    assert clf.proj.weight.grad.shape == (32, 48) and clf.proj.weight.grad.abs().sum() > 0
+    assert enc.layers[0].qkv.weight.grad.abs().sum() > 0        # the student itself is pulled too
+    # without a map, z is the pooled vector the head reads
+    clf.proj = None
+    clf.eval()
+    logits, z = clf(ids, (ids != 0).long())
+    assert z.shape == (2, 48)
+    assert torch.allclose(logits, clf.head.out(model.mean_pool(enc(ids, (ids != 0).long()), (ids != 0).long())),
+                          atol=1e-6)
+
+
+def test_standardise_centres_and_scales_by_one_number():
+    t = torch.tensor([[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]])
+    out = distill.standardise(t)
+    assert torch.allclose(out.mean(0), torch.zeros(2), atol=1e-6)
+    assert out.pow(2).mean().item() == pytest.approx(1.0)                 # a fraction of the total variance
+    centred = t - t.mean(0)
+    assert torch.allclose(out / out[0, 0], centred / centred[0, 0])        # one scalar: the geometry is kept
+
+
+def test_fit_linear_map_recovers_a_linear_relation():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g)
+    w, b = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    y = x @ w.T + b
+    lin = distill.fit_linear_map(x, y, ridge=1e-9)
+    assert lin.weight.shape == (4, 6)
+    assert torch.allclose(lin.weight, w, atol=1e-4) and torch.allclose(lin.bias, b, atol=1e-4)
+    shrunk = distill.fit_linear_map(x, y, ridge=10.0)        # the ridge shrinks the map
+    assert shrunk.weight.norm() < 0.5 * w.norm()
+
+
+# ----------------------------------------------------------------------------------------------------
+# data parallelism: the loss scaling and the sharded prediction
+# ----------------------------------------------------------------------------------------------------
+
+def test_rank_loss_scaling_gives_the_global_batch_gradient():
+    """Each rank's loss = (sum over its slice) * world / global batch size; DDP averages the gradients, so
+    the average must equal the gradient of the mean over the global batch, even for unequal slices."""
+    g = torch.Generator().manual_seed(4)
+    lin = nn.Linear(5, 3)
+    x, y = torch.randn(7, 5, generator=g), torch.randint(3, (7,), generator=g)
+    lin.zero_grad()
+    F.cross_entropy(lin(x), y).backward()
+    full = lin.weight.grad.clone()
+    world, grads = 2, []
+    for idx in ([0, 1, 2, 3], [4, 5, 6]):             # np.array_split(7 rows, 2)
+        lin.zero_grad()
+        (F.cross_entropy(lin(x[idx]), y[idx], reduction="none").sum() * (world / 7)).backward()
+        grads.append(lin.weight.grad.clone())
+    assert torch.allclose(sum(grads) / world, full, atol=1e-6)
+
+
+def test_predict_shards_join_to_the_full_prediction():
+    enc = tiny_encoder(32, seed=5)
+    clf = distill.Classifier(enc, model.ClassificationHead(32, 3))
+    g = torch.Generator().manual_seed(5)
+    examples = [{"input_ids": [2] + torch.randint(5, 40, (int(n),), generator=g).tolist() + [3],
+                 "token_type_ids": [0] * (int(n) + 2), "label": 0, "index": i}
+                for i, n in enumerate(torch.randint(1, 20, (23,), generator=g))]
+    clf.train()                                          # predict must switch dropout off ...
+    full_logits, full_z = distill.predict(clf, examples, 0, torch.device("cpu"), batch_size=4)
+    assert clf.training                                  # ... and restore the mode afterwards
+    parts = [distill.predict(clf, examples, 0, torch.device("cpu"), rank=r, world=3, batch_size=4) for r in range(3)]
+    assert torch.allclose(sum(p[0] for p in parts), full_logits, atol=1e-6)
+    assert torch.allclose(sum(p[1] for p in parts), full_z, atol=1e-6)
+    # one sentence at a time (no padding) gives the same numbers: padding is masked out
+    single = distill.predict(clf, examples, 0, torch.device("cpu"), batch_size=1)[0]
+    assert torch.allclose(single, full_logits, atol=1e-5)
+    clf.eval()
+    with torch.no_grad():
+        ids = torch.tensor([examples[7]["input_ids"]])
+        direct = clf(ids, torch.ones_like(ids))[0][0]
+    assert torch.allclose(direct, full_logits[7], atol=1e-5)
+
+
+def test_set_dropout_reaches_every_dropout():
+    enc = tiny_encoder(32)
+    clf = distill.Classifier(enc, model.ClassificationHead(32, 3))
+    distill.set_dropout(clf, 0.0)
+    assert all(m.p == 0.0 for m in clf.modules() if isinstance(m, nn.Dropout))
+    assert all(b.attn_dropout == 0.0 for b in enc.layers)
+    assert enc.config.hidden_dropout_prob == 0.0 and enc.config.attention_probs_dropout_prob == 0.0
+
+
+def test_summarize_means_and_stds_over_seeds():
+    per_seed = {1: {"baseline": {"eng_Latn": 80.0, "deu_Latn": 60.0, "fra_Latn": 50.0}},
+                2: {"baseline": {"eng_Latn": 90.0, "deu_Latn": 70.0, "fra_Latn": 70.0}}}
+    out, mean = distill.summarize(per_seed, "eng_Latn")
+    assert out["results"]["baseline"] == {"eng_Latn": 85.0, "deu_Latn": 65.0, "fra_Latn": 60.0}
+    assert out["zero_shot_avg"]["baseline"] == 62.5                  # mean of 55 and 70
+    assert out["zero_shot_std"]["baseline"] == round(math.sqrt(((55 - 62.5) ** 2 + (70 - 62.5) ** 2) / 1), 2)
+    assert out["per_seed"]["2"]["zero_shot_avg"]["baseline"] == 70.0
+    one, _ = distill.summarize({1: per_seed[1]}, "eng_Latn")
+    assert set(one) == {"results", "zero_shot_avg"}                   # one seed: no per_seed / std
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, flag", [(["--alpha", "1.5"], "--alpha"), (["--temperature", "0"], "--temperature"),
+                                        (["--epochs", "0"], "--epochs"), (["--seeds", "1", "1"], "--seeds"),
+                                        (["--dropout", "1"], "--dropout"), (["--beta", "-1"], "--beta")])
+def test_bad_flags_are_one_line_errors(argv, flag):
+    with pytest.raises(XltError, match=flag):
+        distill.parse_args(argv)
+
+
+def test_pair_task_without_files_names_the_folder(tmp_path):
+    args = distill.parse_args(["--task", "xnli", "--data_dir", str(tmp_path)])
+    with pytest.raises(data.DataError, match=str(tmp_path / "xnli")):
+        distill.load_task(args)
+
+
+def write_pawsx(root, labels=(0, 1)):
+    root.mkdir(parents=True)
+    rows = ["id\tsentence1\tsentence2\tlabel"] + [
+        f"{i}\tthe {w} was in the city\tin the city was the {w}\t{labels[i % len(labels)]}"
+        for i, w in enumerate("cat dog house king river film game song law car road tree".split())]
+    for name in ("train-en", "dev-en", "test-en", "test-de"):
+        (root / f"{name}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_pair_task_labels_out_of_range(tmp_path):
+    write_pawsx(tmp_path / "pawsx", labels=(0, 2))
+    args = distill.parse_args(["--task", "pawsx", "--data_dir", str(tmp_path)])
+    with pytest.raises(data.DataError, match="out of range"):
+        distill.load_task(args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# end to end, on tiny random checkpoints (teacher width 32, student width 48)
+# ----------------------------------------------------------------------------------------------------
+
+def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path):
+    teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
+    student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
+    out = tmp_path / "out"
+    langs = ["eng_Latn", "deu_Latn", "amh_Ethi"]
+    result = distill.main(["--teacher", str(teacher), "--student", str(student), "--data_dir", str(data_dir),
+                           "--out_dir", str(out), "--langs", ",".join(langs), "--train_limit", "32",
+                           "--eval_limit", "16", "--epochs", "2", "--batch_size", "8", "--log_every", "2"])
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) == {"results", "zero_shot_avg", "config", "seconds"}
+    assert saved["results"] == result["results"]
+    assert list(saved["results"]) == list(distill.METHODS)
+    for method in distill.METHODS:
+        row = saved["results"][method]
+        assert list(row) == langs and all(0 <= v <= 100 for v in row.values())
+        assert saved["zero_shot_avg"][method] == pytest.approx((row["deu_Latn"] + row["amh_Ethi"]) / 2, abs=0.01)
+    assert saved["config"]["train_limit"] == 32 and saved["config"]["world_size"] == 1 and saved["seconds"] > 0
+    log = json.loads((out / "train_log.json").read_text())["1"]
+    assert set(log) == set(distill.METHODS) and len(log["baseline"]["dev_curve"]) == 2
+    assert all(math.isfinite(loss) for _, loss in log["repr_distill"]["loss"])
+
+    # every method's checkpoint loads, with its own width, and reproduces the reported score
+    for method in distill.METHODS:
+        enc, head, cfg = model.load_with_head(out / method)
+        assert enc.config.hidden_size == (32 if method == "teacher" else 48)
+        assert head.num_labels == len(data.SIB200_LABELS) and cfg["xlt_distill"]["method"] == method
+    enc, head, cfg = model.load_with_head(out / "baseline")
+    tok = data.load_tokenizer(out / "baseline")
+    rows = distill._limit(data.read_sib200(data_dir, "deu_Latn", "test"), 16)
+    examples = distill.encode_rows(tok, rows, 128, cfg["xlt_prefix"])
+    acc = distill.score(distill.Classifier(enc, head), examples, data.special_ids(tok)["pad"], "accuracy", 7,
+                        torch.device("cpu"), 0, 1, 64)
+    assert round(acc, 2) == saved["results"]["baseline"]["deu_Latn"]
+
+
+def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
+    write_pawsx(tmp_path / "data" / "pawsx")
+    teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
+    student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
+    result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "pawsx",
+                           "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
+                           "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
+    assert set(result) == {"results", "zero_shot_avg", "config", "seconds", "per_seed", "zero_shot_std"}
+    assert list(result["results"]["baseline"]) == ["de", "en"]            # every test-<lang>.tsv, sorted
+    assert set(result["per_seed"]) == {"1", "2"}
+    assert result["zero_shot_avg"]["teacher"] == result["results"]["teacher"]["de"]
+    _, head, _ = model.load_with_head(tmp_path / "out" / "output_distill")
+    assert head.num_labels == 2
