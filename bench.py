@@ -21,15 +21,18 @@ What it does, for each config (an architecture shape with random weights, no dow
      when the absolute numbers drift.
   4. Reports achieved FLOP/s (formula in step_flops) against the matmul peak measured in those same
      rounds, and on CUDA the MFU against the card's datasheet dense bf16 peak (--peak_tflops to set).
-  5. Breaks our step down into forward / backward / optimizer, and measures the optimizer step with the
+  5. Breaks the step down into forward / backward / optimizer, and measures our optimizer step with the
      word-embedding matrix trainable vs frozen, plus the dense word-embedding gradient that backward
-     has to build when it is trainable: the reason the scripts freeze it while fine-tuning.
+     has to build when it is trainable: the reason the scripts freeze it while fine-tuning. The same
+     step with AdamW's other implementation (fused vs foreach) is timed beside it.
 
 transformers is only the reference here (pip install transformers to compare); --no_reference times
 ours alone.
 """
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -38,11 +41,16 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
 
-import torch
+# OpenMP threads that wait by spinning (libgomp's default) lose badly when the CPU is shared: a thread
+# spins on a barrier while the one it waits for is descheduled. Measured on this project's 2-core runner
+# under load: the AdamW step of the e5-small shape took 2.7-8.6 s spinning, 1.3 s passive. Set before
+# torch loads OpenMP; an explicit OMP_WAIT_POLICY in the environment wins (the header prints which ran).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import model as M
+import torch  # noqa: E402
+
+import model as M  # noqa: E402
 
 # Architecture shapes (Hugging Face config names). e5-small: intfloat/multilingual-e5-small, a BertModel
 # with XLM-R's 250k-piece vocabulary; bert-base: bert-base-uncased; mbert-base: bert-base-multilingual-cased.
@@ -59,9 +67,10 @@ SHAPES = {
 
 # Datasheet dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against torch.cuda.get_device_name
 # in this order (first match wins, so the specific names come before the generic ones).
-CARD_PEAKS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-              ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-              ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("A6000", 155.0)]
+# None: a name we know but whose number we would only be guessing (MFU then needs --peak_tflops).
+CARD_PEAKS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+              ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+              ("A10G", None), ("A10", 125.0), ("A6000", 155.0)]
 
 EMBEDDING_TABLES = ("embed.word.weight", "embed.position.weight", "embed.token_type.weight")
 
@@ -180,15 +189,15 @@ def build_models(config, device, reference, seed):
         with tempfile.TemporaryDirectory(prefix="xlt-bench-") as tmp:
             ours.save_pretrained(os.path.join(tmp, "model"))
             prev = transformers.logging.get_verbosity()
-            transformers.utils.logging.disable_progress_bar()
             transformers.logging.set_verbosity_error()
+            if hasattr(transformers.utils.logging, "disable_progress_bar"):
+                transformers.utils.logging.disable_progress_bar()
             try:
                 theirs = transformers.AutoModel.from_pretrained(
-                    os.path.join(tmp, "model"), attn_implementation="sdpa", add_pooling_layer=False,
-                    dtype=torch.float32)
+                    os.path.join(tmp, "model"), attn_implementation="sdpa", add_pooling_layer=False)
             finally:
                 transformers.logging.set_verbosity(prev)
-        theirs.to(device)
+        theirs.float().to(device)
     return ours.to(device), theirs
 
 
@@ -199,14 +208,17 @@ class Runner:
         self.name, self.module, self.device, self.dtype = name, module, device, dtype
         self.forward = torch.compile(forward) if compile_ else forward
         self.opt = M.configure_optimizer([module], lr=1e-5, weight_decay=0.01, device=device)
-        self.train_times, self.infer_times = [], []
+        self.times = {"train": [], "infer": []}       # wall clock, seconds
+        self.cpu = {"train": [], "infer": []}         # this process's CPU time (all threads), seconds
         self.phases = {"forward": [], "backward": [], "optimizer": []}
 
     def train_step(self, batch, split):
-        """One step. With split, the clock is read (and on CUDA the stream synchronised) between the
-        phases; without, only around the whole step, which is then free of host synchronisation."""
+        """One step: (wall seconds, CPU seconds, (forward, backward, optimizer) seconds or None). With
+        split, the clock is read (and on CUDA the stream synchronised) between the phases; without,
+        only around the whole step, which is then free of host synchronisation."""
         dev = self.device
         t0 = _clock(dev)
+        c0 = time.process_time()
         with amp(dev, self.dtype):
             h = self.forward(batch["input_ids"], batch["attention_mask"])
             loss = h.float().pow(2).mean()
@@ -216,16 +228,17 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         t3 = _clock(dev)
-        return t3 - t0, ((t1 - t0, t2 - t1, t3 - t2) if split else None)
+        return t3 - t0, time.process_time() - c0, ((t1 - t0, t2 - t1, t3 - t2) if split else None)
 
     def infer(self, batch):
         dev = self.device
         self.module.eval()
         try:
             t0 = _clock(dev)
+            c0 = time.process_time()
             with torch.inference_mode(), amp(dev, self.dtype):
                 self.forward(batch["input_ids"], batch["attention_mask"])
-            return _clock(dev) - t0
+            return _clock(dev) - t0, time.process_time() - c0
         finally:
             self.module.train()
 
@@ -245,14 +258,16 @@ def make_batch(config, batch_size, seq_len, padding, device, seed):
 
 @torch.no_grad()
 def max_abs_diff(ours, theirs, batch, device, dtype):
-    ours.eval(), theirs.eval()
+    ours.eval()
+    theirs.eval()
     try:
         with amp(device, dtype):
             a = ours(batch["input_ids"], batch["attention_mask"]).float()
             b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state.float()
         return (a - b).abs().max().item()
     finally:
-        ours.train(), theirs.train()
+        ours.train()
+        theirs.train()
 
 
 @contextlib.contextmanager
@@ -282,6 +297,10 @@ def bench_config(name, args, device, log):
     if args.seq_len > config.max_position_embeddings:
         raise M.XltError(f"--seq_len {args.seq_len} exceeds the {name} shape's {config.max_position_embeddings} positions")
     ours, theirs = build_models(config, device, not args.no_reference, args.seed)
+    if args.freeze_word_embeddings:
+        ours.embed.word.weight.requires_grad_(False)
+        if theirs is not None:
+            theirs.get_input_embeddings().weight.requires_grad_(False)
     compute_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     batch = make_batch(config, args.batch_size, args.seq_len, args.padding, device, args.seed)
 
@@ -307,25 +326,28 @@ def bench_config(name, args, device, log):
         record = r >= args.warmup
         order = runners if r % 2 == 0 else runners[::-1]
         for run in order:
-            dt, phases = run.train_step(batch, split)
+            dt, cpu, phases = run.train_step(batch, split)
             if record:
-                run.train_times.append(dt)
+                run.times["train"].append(dt)
+                run.cpu["train"].append(cpu)
                 if phases:
                     for k, v in zip(("forward", "backward", "optimizer"), phases):
                         run.phases[k].append(v)
         for run in order:
-            dt = run.infer(batch)
+            dt, cpu = run.infer(batch)
             if record:
-                run.infer_times.append(dt)
+                run.times["infer"].append(dt)
+                run.cpu["infer"].append(cpu)
         peak.run(record=record)
-        steps = ", ".join(f"{run.name} step {run.train_times[-1] * 1e3:.0f} ms" for run in runners) if record else "warm-up"
+        steps = (", ".join(f"{run.name} step {run.times['train'][-1] * 1e3:.0f} ms" for run in runners)
+                 if record else "warm-up")
         log(f"[{name}] round {r + 1}/{rounds}: {steps} ({time.perf_counter() - t_start:.0f} s)")
 
     if device.type == "cuda":
         # The phase breakdown needs a synchronisation between phases: separate steps, not the timed ones.
         for r in range(args.repeats + 1):
             for run in runners:
-                _, phases = run.train_step(batch, True)
+                _, _, phases = run.train_step(batch, True)
                 if r:
                     for k, v in zip(("forward", "backward", "optimizer"), phases):
                         run.phases[k].append(v)
@@ -343,19 +365,58 @@ def bench_config(name, args, device, log):
                flops=flops, measured_peak_tflops=peak_tflops)
     for run in runners:
         out = res.setdefault(run.name, {})
-        for kind, times in (("train", run.train_times), ("infer", run.infer_times)):
+        for kind, times in run.times.items():
             ms = statistics.median(times) * 1e3
             tflops = flops[kind] / (ms / 1e3) / 1e12
             out[kind] = {"ms": ms, "all_ms": [t * 1e3 for t in times], "tflops": tflops,
-                         "fraction_of_measured_peak": tflops / peak_tflops}
+                         "fraction_of_measured_peak": tflops / peak_tflops,
+                         "cpu_ms": statistics.median(run.cpu[kind]) * 1e3}
             if args.peak_tflops:
                 out[kind]["mfu"] = tflops / args.peak_tflops
         out["phases_ms"] = {k: statistics.median(v) * 1e3 for k, v in run.phases.items()}
+    a = b = None
     if theirs is not None:
-        res["speedup"] = {k: res["transformers"][k]["ms"] / res["ours"][k]["ms"] for k in ("train", "infer")}
-    res["optimizer"] = optimizer_breakdown(runners[0], batch, args, device)
-    del runners, ours, theirs
+        # speedup = transformers' time / ours. Each round timed the two back to back, so the ratio within
+        # a round cancels whatever the machine's load did between rounds: the median of those paired
+        # ratios is the headline. The ratio of the medians, and of the CPU time the process spent (on a
+        # shared CPU, less sensitive to being descheduled), are kept beside it.
+        a, b = runners
+        res["speedup"] = {k: statistics.median(t / o for o, t in zip(a.times[k], b.times[k])) for k in a.times}
+        res["speedup_of_medians"] = {k: res["transformers"][k]["ms"] / res["ours"][k]["ms"] for k in a.times}
+        res["speedup_cpu_time"] = {k: statistics.median(t / o for o, t in zip(a.cpu[k], b.cpu[k]) if o > 0)
+                                   for k in a.cpu}
+    # The breakdown needs only our model: free the reference model and its optimizer state first.
+    ours_run = runners[0]
+    del runners, theirs, a, b
+    release_memory(device)
+    res["optimizer"] = optimizer_breakdown(ours_run, batch, args, device)
+    del ours_run, ours
+    release_memory(device)
     return res
+
+
+def release_memory(device):
+    """Give freed memory back between configs: the garbage collector, then glibc's free lists (without
+    malloc_trim a process that held the e5-small pair keeps that memory while it times BERT-base), and
+    the CUDA caching allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def peak_rss_gb():
+    """The most resident memory this process has held, in GB (Linux reports kB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1e9 if sys.platform == "darwin" else 1e6)
 
 
 def optimizer_breakdown(run, batch, args, device):
@@ -363,18 +424,30 @@ def optimizer_breakdown(run, batch, args, device):
     when fine-tuning), and the dense word-embedding gradient that backward builds when they are trainable."""
     enc = run.module
     word = enc.embed.word.weight
+    was_trainable = word.requires_grad
+    run.opt = None                                         # free the timed optimizer's state first
     word.requires_grad_(False)
-    try:
-        frozen = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01, device=device)
-    finally:
-        word.requires_grad_(True)
+    frozen = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01, device=device)
+    word.requires_grad_(True)
+    trainable = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01, device=device)
+    enc.zero_grad(set_to_none=True)
     with amp(device, args.dtype):
         loss = run.forward(batch["input_ids"], batch["attention_mask"]).float().pow(2).mean()
     loss.backward()          # gradients for every parameter; both optimizers step on them, never zeroed
-    frozen.step()            # the frozen optimizer's state is created lazily: not timed
-    t_all, t_frozen = [], []
+    trainable.step()         # optimizer state is created lazily, on the first step: not timed
+    frozen.step()
+    # The same step with AdamW's other multi-tensor implementation (fused <-> foreach), same groups.
+    impl = "fused" if trainable.defaults.get("fused") else "foreach"
+    alt_impl = "foreach" if impl == "fused" else "fused"
+    try:
+        alt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                 for g in trainable.param_groups], lr=1e-5, **{alt_impl: True})
+        alt.step()
+    except (RuntimeError, TypeError):        # e.g. no fused CPU kernel in this torch
+        alt = None
+    variants = [(trainable, []), (frozen, [])] + ([(alt, [])] if alt is not None else [])
     for r in range(args.repeats):
-        for opt, times in ((run.opt, t_all), (frozen, t_frozen))[:: 1 if r % 2 == 0 else -1]:
+        for opt, times in variants[:: 1 if r % 2 == 0 else -1]:
             t0 = _clock(device)
             opt.step()
             times.append(_clock(device) - t0)
@@ -388,13 +461,15 @@ def optimizer_breakdown(run, batch, args, device):
         torch.ops.aten.embedding_dense_backward(g, batch["input_ids"], enc.config.vocab_size, -1, False)
         if r:
             t_grad.append(_clock(device) - t0)
-    run.opt.zero_grad(set_to_none=True)
-    del frozen
+    enc.zero_grad(set_to_none=True)
+    word.requires_grad_(was_trainable)
+    ms = [statistics.median(times) * 1e3 for _, times in variants]
+    del frozen, trainable, alt, variants
     n_word = word.numel()
     n_all = sum(p.numel() for p in enc.parameters())
     return {"all_params": n_all, "word_embedding_params": n_word,
-            "step_ms_trainable": statistics.median(t_all) * 1e3,
-            "step_ms_frozen": statistics.median(t_frozen) * 1e3,
+            "impl": impl, "step_ms_trainable": ms[0], "step_ms_frozen": ms[1],
+            "alt_impl": alt_impl, "alt_step_ms_trainable": ms[2] if len(ms) > 2 else None,
             "word_embedding_grad_ms": statistics.median(t_grad) * 1e3}
 
 
@@ -415,23 +490,27 @@ def format_table(header, rows):
 def report(results, meta, args):
     out = []
     mfu = args.peak_tflops is not None
-    header = ["config", "phase", "ours ms", "transformers ms", "speedup", "ours TFLOP/s", "% of measured peak"]
-    if mfu:
-        header.append(f"MFU (of {args.peak_tflops:g})")
+    cpu = meta["device"] == "cpu"
+    header = ["config", "phase", "ours ms", "transformers ms", "speedup"] + (["speedup, CPU time"] if cpu else []) \
+        + ["ours TFLOP/s", "% of measured peak"] + ([f"MFU (of {args.peak_tflops:g})"] if mfu else [])
     rows = []
     for r in results:
         for kind, label in (("train", "train step"), ("infer", "inference")):
             o = r["ours"][kind]
             t = r.get("transformers", {}).get(kind)
             row = [r["config"], label, f"{o['ms']:.1f}", f"{t['ms']:.1f}" if t else "-",
-                   f"{r['speedup'][kind]:.2f}x" if t else "-", f"{o['tflops']:.3f}",
-                   f"{100 * o['fraction_of_measured_peak']:.0f}%"]
+                   f"{r['speedup'][kind]:.2f}x" if t else "-"]
+            if cpu:
+                row.append(f"{r['speedup_cpu_time'][kind]:.2f}x" if t else "-")
+            row += [f"{o['tflops']:.3f}", f"{100 * o['fraction_of_measured_peak']:.0f}%"]
             if mfu:
                 row.append(f"{100 * o['mfu']:.1f}%")
             rows.append(row)
     out.append(format_table(header, rows))
-    out.append("speedup = transformers ms / ours ms (>= 1: model.py is at least as fast). Medians of "
-               f"{args.repeats} interleaved rounds after {args.warmup} warm-up.")
+    out.append(f"ms: medians of {args.repeats} rounds after {args.warmup} warm-up. speedup: transformers' time / "
+               "ours (>= 1: model.py at least as fast), the median over rounds of the ratio of the two steps "
+               "timed back to back in the same round" + ("; CPU time: the same with the CPU time this process "
+               "used, which a shared CPU disturbs less than the wall clock." if cpu else "."))
 
     header = ["config", "model", "forward", "backward", "optimizer", "step"]
     rows = []
@@ -445,17 +524,21 @@ def report(results, meta, args):
     out.append(format_table(header, rows))
 
     header = ["config", "params", "word emb.", "opt step, emb trainable", "opt step, emb frozen",
-              "emb grad in backward", "saved by freezing", "share of step"]
+              "emb grad in backward", "saved by freezing", "share of trainable step", "other AdamW, emb trainable"]
     rows = []
     for r in results:
         o = r["optimizer"]
         saved = o["step_ms_trainable"] - o["step_ms_frozen"] + o["word_embedding_grad_ms"]
+        # the share of a step with the word embeddings trainable (the timed step, or it plus what it saved)
+        trainable_step = r["ours"]["train"]["ms"] + (saved if args.freeze_word_embeddings else 0.0)
+        alt = f"{o['alt_step_ms_trainable']:.1f} ms ({o['alt_impl']})" if o["alt_step_ms_trainable"] else "-"
         rows.append([r["config"], f"{o['all_params'] / 1e6:.1f}M", f"{o['word_embedding_params'] / 1e6:.1f}M",
                      f"{o['step_ms_trainable']:.1f} ms", f"{o['step_ms_frozen']:.1f} ms",
                      f"{o['word_embedding_grad_ms']:.1f} ms", f"{saved:.1f} ms",
-                     f"{100 * saved / r['ours']['train']['ms']:.0f}%"])
-    out.append("\nThe word-embedding matrix, trainable vs frozen (model.py's step; AdamW "
-               f"{'fused' if meta['device'] == 'cuda' else 'foreach'}):")
+                     f"{100 * saved / trainable_step:.0f}%", alt])
+    impl = results[0]["optimizer"]["impl"] if results else "?"
+    out.append(f"\nThe word-embedding matrix, trainable vs frozen (model.py's step; model.configure_optimizer's "
+               f"AdamW, {impl}; the last column: the same step with the other implementation):")
     out.append(format_table(header, rows))
 
     notes = []
@@ -493,6 +576,9 @@ def parse_args(argv=None):
                         "fp32 on CPU, what model.autocast gives the scripts")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
+    p.add_argument("--freeze_word_embeddings", action="store_true",
+                   help="time the step with the word-embedding matrix frozen in both models, as the scripts "
+                        "fine-tune (default: every parameter trainable)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
     p.add_argument("--no_reference", action="store_true", help="time model.py's encoder alone (no transformers)")
     p.add_argument("--peak_size", type=int, default=None,
@@ -534,9 +620,12 @@ def main(argv=None, log=print):
     log(f"bench.py: {meta['device_name']} ({device.type}, {meta['threads']} threads), {args.dtype}, "
         f"torch {meta['torch']}" + (f", transformers {meta['transformers']}" if "transformers" in meta else "")
         + (f"; load average {load[0]:.1f} at start" if load else ""))
+    meta["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
+    params = "all parameters but the word embeddings" if args.freeze_word_embeddings else "all parameters"
     log(f"batch {args.batch_size} x length {args.seq_len}, padding {args.padding:g}, dropout {args.dropout:g} "
-        f"(both models in train mode), AdamW over all parameters, loss = mean(h^2); {args.warmup} warm-up + "
-        f"{args.repeats} timed rounds, ours/transformers/peak-matmul interleaved in every round")
+        f"(both models in train mode), AdamW over {params}, loss = mean(h^2); {args.warmup} warm-up + "
+        f"{args.repeats} timed rounds, ours/transformers/peak-matmul interleaved in every round"
+        + (f"; OMP_WAIT_POLICY={meta['omp_wait_policy']}" if device.type == "cpu" else ""))
     if device.type == "cuda" and args.peak_tflops is None:
         log(f"MFU: no datasheet peak known for {meta['device_name']}; pass --peak_tflops")
 
@@ -544,19 +633,25 @@ def main(argv=None, log=print):
     results = []
     for name in args.configs:
         results.append(bench_config(name, args, device, log))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     meta["seconds"] = time.perf_counter() - t0
+    meta["peak_rss_gb"] = peak_rss_gb()
+    if device.type == "cuda":
+        meta["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if load:
         meta["load_average_start"] = load[0]
         meta["load_average_end"] = os.getloadavg()[0]
     log("")
     log(report(results, meta, args))
     if load:
+        shared = max(meta["load_average_start"], meta["load_average_end"]) > (os.cpu_count() or 1)
         log(f"load average {meta['load_average_start']:.1f} at start, {meta['load_average_end']:.1f} at end "
-            f"on {os.cpu_count()} CPUs: above the CPU count the machine was shared, so the absolute numbers are "
-            "low and noisy; the interleaved ratios and the fraction of the peak measured alongside are the comparable figures.")
-    log(f"{meta['seconds']:.0f} s")
+            f"on {os.cpu_count()} CPUs" + (": the machine was shared with other work, so the absolute numbers "
+            "are low and noisy; the interleaved ratios and the fraction of the peak measured alongside are the "
+            "comparable figures." if shared else "."))
+    mem = [f"peak resident memory {meta['peak_rss_gb']:.1f} GB"] if meta["peak_rss_gb"] else []
+    if "peak_cuda_gb" in meta:
+        mem.append(f"peak CUDA memory {meta['peak_cuda_gb']:.1f} GB")
+    log(f"{meta['seconds']:.0f} s" + (f", {', '.join(mem)}" if mem else ""))
     out = {"meta": meta, "args": vars(args), "results": results}
     if args.json:
         d = os.path.dirname(os.path.abspath(args.json))

@@ -1,0 +1,280 @@
+"""Tests of align.py: MoCo's loss, momentum update and queue, TLM batches, random input shuffling,
+code-switching, and an end-to-end run on tiny random checkpoints."""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import align  # noqa: E402
+import data  # noqa: E402
+from model import Config, Encoder, XltError  # noqa: E402
+
+
+def tiny_encoder(seed=0, mlm_head=True, vocab=50):
+    torch.manual_seed(seed)
+    cfg = Config(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    return Encoder(cfg, mlm_head=mlm_head)
+
+
+SPECIAL = {"cls": 2, "sep": 3, "pad": 0, "mask": 4, "unk": 1}
+
+
+# ---------------------------------------------------------------------------------------------------- MoCo
+
+def test_moco_loss_matches_hand_computation():
+    q = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=1)
+    k = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0]]), dim=1)
+    queue = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    tau = 0.5
+    expected = []
+    for qi, ki in zip(q.tolist(), k.tolist()):
+        pos = math.exp((qi[0] * ki[0] + qi[1] * ki[1]) / tau)
+        neg = sum(math.exp((qi[0] * n[0] + qi[1] * n[1]) / tau) for n in queue.tolist())
+        expected.append(-math.log(pos / (pos + neg)))
+    assert align.moco_loss(q, k, queue, tau).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+    # with ids: the queue entry from query 0's own pair (id 7) is not one of its negatives
+    query_ids, queue_ids = torch.tensor([7, 8]), torch.tensor([7, 1, 2])
+    qi, ki = q[0].tolist(), k[0].tolist()
+    pos = math.exp((qi[0] * ki[0] + qi[1] * ki[1]) / tau)
+    neg = sum(math.exp((qi[0] * n[0] + qi[1] * n[1]) / tau) for n in queue.tolist()[1:])
+    masked0 = -math.log(pos / (pos + neg))
+    got = align.moco_loss(q, k, queue, tau, query_ids, queue_ids).item()
+    assert got == pytest.approx((masked0 + expected[1]) / 2, rel=1e-6)
+    assert got != pytest.approx(sum(expected) / 2, rel=1e-3)
+
+
+def test_momentum_update_formula_and_frozen_skip():
+    f_q = tiny_encoder(0)
+    f_k = align.key_encoder(f_q)
+    assert f_k.mlm is None and f_q.mlm is not None
+    with torch.no_grad():                      # make the two encoders differ
+        for p in f_q.parameters():
+            p.add_(torch.randn_like(p))
+    f_q.embed.word.weight.requires_grad_(False)
+    k0 = {n: p.clone() for n, p in f_k.named_parameters()}
+    q0 = dict(f_q.named_parameters())
+    align.momentum_update(f_q, f_k, 0.9)
+    for name, p in f_k.named_parameters():
+        if name == "embed.word.weight":
+            assert torch.equal(p, k0[name])    # frozen in f_q: skipped
+        else:
+            torch.testing.assert_close(p, 0.9 * k0[name] + 0.1 * q0[name])
+
+
+def test_queue_is_fifo_with_fixed_size():
+    g = torch.Generator().manual_seed(0)
+    queue = align.KeyQueue(5, 2, "cpu", g)
+    assert queue.keys.shape == (5, 2) and torch.allclose(queue.keys.norm(dim=1), torch.ones(5))
+    pushed = []
+    for step in range(4):                     # 4 batches of 2 = 8 keys through a queue of 5
+        keys = torch.tensor([[float(2 * step), 0.0], [float(2 * step + 1), 0.0]])
+        queue.push(keys, torch.tensor([2 * step, 2 * step + 1]))
+        pushed += [2 * step, 2 * step + 1]
+        assert queue.keys.shape == (5, 2)
+    keys, ids = queue.ordered()
+    assert ids.tolist() == pushed[-5:]                   # the 5 newest, oldest first
+    assert keys[:, 0].tolist() == [float(i) for i in pushed[-5:]]
+    with pytest.raises(XltError):
+        queue.push(torch.zeros(6, 2), torch.zeros(6, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------- TLM
+
+def test_tlm_positions_continue_and_masking_covers_both_sides():
+    a, b = list(range(10, 30)), list(range(30, 45))
+    ex = data.tlm_example(a, b, SPECIAL["cls"], SPECIAL["sep"], 64)
+    examples = [ex] * 300
+    g = torch.Generator().manual_seed(0)
+    for offset in (0, 2):                     # BERT numbers positions from 0, RoBERTa/XLM-R from pad + 1
+        batch = align.tlm_batch(examples, SPECIAL, 50, g, 0.15, offset)
+        T = len(ex["input_ids"])
+        assert batch["position_ids"][0, :T].tolist() == list(range(offset, offset + T))
+        start_b = 1 + len(a) + 1               # [CLS] a [SEP] | b: the second sentence keeps counting
+        assert batch["position_ids"][0, start_b].item() == offset + start_b
+        assert batch["token_type_ids"].eq(0).all()          # no language / segment embeddings
+    labels = torch.full(batch["input_ids"].shape, -100).view(-1)
+    labels[batch["mlm_positions"]] = batch["mlm_labels"]
+    labels = labels.view(batch["input_ids"].shape)
+    masked = labels != -100
+    side_a, side_b = masked[:, 1:1 + len(a)], masked[:, start_b:start_b + len(b)]
+    # both sides are masked, at about 15% each; special tokens never
+    assert 0.10 < side_a.float().mean() < 0.20 and 0.10 < side_b.float().mean() < 0.20
+    assert not masked[:, 0].any() and not masked[:, 1 + len(a)].any() and not masked[:, start_b + len(b)].any()
+    original = torch.tensor(ex["input_ids"] + [0] * (labels.shape[1] - T)).expand_as(labels)
+    assert (labels[masked] == original[masked]).all()
+
+
+def test_tlm_loss_only_at_masked_positions():
+    f_q = tiny_encoder(0)
+    g = torch.Generator().manual_seed(1)
+    ex = data.tlm_example(list(range(10, 20)), list(range(20, 28)), 2, 3, 64)
+    t = align.tlm_batch([ex, ex], SPECIAL, 50, g, 0.3, 0)
+    batch = {"tlm_" + k: v for k, v in t.items()}
+    batch["n_masked"] = len(t["mlm_positions"])
+    f_q.eval()
+    got = align.tlm_loss(f_q, batch)
+    h = f_q(t["input_ids"], t["attention_mask"], t["token_type_ids"], t["position_ids"])
+    logits = f_q.mlm_logits(h)
+    labels = torch.full(t["input_ids"].shape, -100).view(-1)
+    labels[t["mlm_positions"]] = t["mlm_labels"]
+    want = F.cross_entropy(logits.view(-1, 50), labels, ignore_index=-100)
+    torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------- shuffling
+
+def test_shuffle_coin_is_balanced():
+    n = 20000
+    heads = align.shuffle_coins(n, torch.Generator().manual_seed(0)).sum().item()
+    assert abs(heads - n / 2) < 4 * math.sqrt(n / 4)          # 4 sigma of Binomial(n, 1/2)
+    assert 0 < heads < n
+
+
+def test_alignment_batch_routes_sides_by_the_coin():
+    prepared = {"tlm_a": [[10, 11]] * 64, "tlm_b": [[20, 21, 22]] * 64,
+                "single_a": [{"input_ids": [2, 10, 11, 3], "token_type_ids": [0] * 4}] * 64,
+                "single_b": [{"input_ids": [2, 20, 21, 22, 3], "token_type_ids": [0] * 5}] * 64,
+                "ids": list(range(64))}
+    g = torch.Generator().manual_seed(0)
+    batch, n_masked, n_b = align.alignment_batch(prepared, list(range(64)), SPECIAL, 50, g, 32, 0.0)
+    assert 0 < n_b < 64 and n_masked == 0
+    b_query = batch["q_input_ids"][:, 1] == 20
+    assert b_query.sum().item() == n_b
+    # the query side is first in the TLM sequence, the key side is the other sentence
+    assert torch.equal(batch["tlm_input_ids"][:, 1] == 20, b_query)
+    assert torch.equal(batch["k_input_ids"][:, 1] == 10, b_query)
+
+
+# ---------------------------------------------------------------------------------------------------- training step
+
+def _args(**kw):
+    base = dict(max_len=32, seed=0, train_embeddings=False, queue_size=8, lr=1e-3, weight_decay=0.0,
+                compile=False, warmup=0.0, steps=2, batch_size=4, mask_prob=0.15, tlm_weight=1.0,
+                temperature=0.07, momentum=0.9, pooling="mean", log_every=1)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_align_trains_query_encoder_only(tiny_checkpoint):
+    ckpt = tiny_checkpoint()
+    tok = data.load_tokenizer(ckpt)
+    f_q = Encoder.from_pretrained(ckpt, mlm_head=True)
+    q0 = {n: p.detach().clone() for n, p in f_q.named_parameters()}
+    pairs = [{"a": f"the cat {i} is on the table", "b": f"le chat {i} est sur la table", "id": i, "lang": "fra"}
+             for i in range(8)]
+    args = _args()
+    info, f_k = align.align(f_q, tok, pairs, args, torch.device("cpu"))
+    assert all(p.grad is None and not p.requires_grad for p in f_k.parameters())
+    assert len(info["log"]) == 2 and all(math.isfinite(r["tlm"]) and math.isfinite(r["moco"]) for r in info["log"])
+    q1 = dict(f_q.named_parameters())
+    assert not torch.equal(q1["layers.0.qkv.weight"], q0["layers.0.qkv.weight"])      # f_q was trained
+    assert torch.equal(q1["embed.word.weight"], q0["embed.word.weight"])              # frozen by default
+    # the key encoder moved only by the momentum rule: after 2 steps, theta_k = m^2 theta_0 + ... != theta_q
+    k = dict(f_k.named_parameters())["layers.0.qkv.weight"]
+    assert not torch.equal(k, q0["layers.0.qkv.weight"]) and not torch.equal(k, q1["layers.0.qkv.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------- code-switching
+
+def test_code_switch_pair_replaces_exactly_the_chosen_side():
+    pairs = [(f"p{i}", f"h{i}") for i in range(400)]
+    english = [(f"P{i}", f"H{i}") for i in range(400)]
+    out, sides = align.code_switch_pair(pairs, english, 0.5, np.random.default_rng(0))
+    for (a, b), (ea, eb), (oa, ob), side in zip(pairs, english, out, sides):
+        if side is None:
+            assert (oa, ob) == (a, b)
+        elif side == 0:
+            assert (oa, ob) == (ea, b)
+        else:
+            assert (oa, ob) == (a, eb)
+    n = sum(s is not None for s in sides)
+    assert abs(n - 200) < 4 * math.sqrt(100)
+    assert 0 < sum(s == 0 for s in sides) < n
+    assert align.code_switch_pair(pairs, english, 0.0, np.random.default_rng(0))[0] == pairs
+    out1, sides1 = align.code_switch_pair(pairs, english, 1.0, np.random.default_rng(0))
+    assert all(s is not None for s in sides1) and all(o != p for o, p in zip(out1, pairs))
+
+
+def test_code_switch_single():
+    texts = [f"en{i}" for i in range(300)]
+    alts = [[f"de{i}", f"sw{i}"] for i in range(300)]
+    out, used = align.code_switch_single(texts, alts, 0.3, np.random.default_rng(0))
+    for i, (o, u) in enumerate(zip(out, used)):
+        assert o == (texts[i] if u is None else alts[i][u])
+    n = sum(u is not None for u in used)
+    assert abs(n - 90) < 4 * math.sqrt(300 * 0.3 * 0.7)
+    assert {u for u in used if u is not None} == {0, 1}
+    assert align.code_switch_single(texts, alts, 0.0, np.random.default_rng(0))[0] == texts
+    out1, _ = align.code_switch_single(texts, alts, 1.0, np.random.default_rng(0))
+    assert all(o in a for o, a in zip(out1, alts))
+    # no translation: kept even with p = 1
+    assert align.code_switch_single(["x"], [[]], 1.0, np.random.default_rng(0)) == (["x"], [None])
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def test_sib200_pairs_use_train_split_only(data_dir):
+    pairs = align.sib200_pairs(data_dir, ["deu_Latn"])
+    train_ids = {r["index_id"] for r in data.read_sib200(data_dir, "eng_Latn", "train")}
+    test_ids = {r["index_id"] for r in data.read_sib200(data_dir, "eng_Latn", "test")}
+    assert len(pairs) == len(train_ids) and {p["id"] for p in pairs} <= train_ids
+    assert not {p["id"] for p in pairs} & test_ids
+    eng = {r["index_id"]: r["text"] for r in data.read_sib200(data_dir, "eng_Latn", "train")}
+    assert all(p["a"] == eng[p["id"]] for p in pairs)
+
+
+def test_file_pairs(tmp_path):
+    tsv = tmp_path / "p.tsv"
+    tsv.write_text("the cat\tle chat\n\t\nthe dog\tle chien\n", encoding="utf-8")
+    pairs = align.file_pairs([tsv])
+    assert [(p["a"], p["b"], p["id"]) for p in pairs] == [("the cat", "le chat", 0), ("the dog", "le chien", 2)]
+    (tmp_path / "a.txt").write_text("one\ntwo\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("eins\nzwei\n", encoding="utf-8")
+    assert [(p["a"], p["b"]) for p in align.file_pairs([tmp_path / "a.txt", tmp_path / "b.txt"])] == \
+        [("one", "eins"), ("two", "zwei")]
+    (tmp_path / "c.txt").write_text("uno\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match="line-aligned"):
+        align.file_pairs([tmp_path / "a.txt", tmp_path / "c.txt"])
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(XltError, match="queue_size"):
+        align.check_args(align.parse_args(["--queue_size", "4", "--batch_size", "8"]))
+    with pytest.raises(XltError, match="cs_prob"):
+        align.check_args(align.parse_args(["--cs_prob", "1.5"]))
+    with pytest.raises(data.DataError):
+        align.file_pairs([tmp_path / "missing.tsv"])
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
+    ckpt = tiny_checkpoint()
+    out = tmp_path / "out"
+    result = align.main(["--model", str(ckpt), "--data_dir", str(data_dir), "--out_dir", str(out),
+                         "--device", "cpu", "--langs", "deu_Latn,fra_Latn", "--steps", "4", "--batch_size", "8",
+                         "--queue_size", "16", "--epochs", "1", "--ft_batch_size", "32", "--ft_lr", "1e-3",
+                         "--eval_langs", "eng_Latn,deu_Latn", "--tatoeba_langs", "deu", "--tatoeba_n", "30",
+                         "--max_len", "64", "--log_every", "2"])
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["sib200"]) == {"unaligned", "unaligned + code-switch p=0.5", "aligned",
+                                  "aligned + code-switch p=0.5"}
+    assert all(set(v) == {"eng_Latn", "deu_Latn"} for v in res["sib200"].values())
+    assert len(res["tatoeba"]["before"]["deu"]) == 3 and res["tatoeba"]["subset_sizes"] == {"deu": 30}
+    assert [r["step"] for r in res["alignment"]["log"]] == [2, 4]
+    assert res["finetune"]["unaligned"]["switched"] == [0.0]
+    assert 0.3 < res["finetune"]["aligned + code-switch p=0.5"]["switched"][0] < 0.7
+    assert res["config"]["steps"] == 4 and res["seconds"] > 0
+    assert (out / "aligned" / "config.json").exists() and (out / "aligned" / "model.safetensors").exists()
+    assert Encoder.from_pretrained(out / "aligned").config.hidden_size == 32
+    assert result["sib200"]["aligned"]["eng_Latn"] >= 0
