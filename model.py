@@ -676,7 +676,7 @@ def autocast(device):
 
 def configure_optimizer(modules, lr, weight_decay, device):
     """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm weights (every
-    1-D parameter) are not decayed, as in BERT. Fused kernel on CUDA, foreach elsewhere."""
+    1-D parameter) are not decayed, as in BERT. The fused (single-kernel) implementation, on CPU and CUDA."""
     seen, decay, no_decay = set(), [], []
     for m in modules:
         for p in m.parameters():
@@ -685,8 +685,9 @@ def configure_optimizer(modules, lr, weight_decay, device):
             seen.add(id(p))
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused, foreach=not fused)
+    # The fused kernel exists on CPU too (torch >= 2.4); bench.py measured it ~10x faster than foreach
+    # over e5's 250k-row embedding on our 2-core CPU (211 ms vs 2,092 ms per step).
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
 def lr_schedule(step, total, warmup):
