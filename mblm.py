@@ -89,8 +89,8 @@ Run:
     python mblm.py --device cuda --student xlm-roberta-base --train_layers 12 --lr 3e-5 --head_lr 1e-3 \
         --epochs 5 --teachers eng_Latn=roberta-base,fra_Latn=dbmdz/bert-base-french-europeana-cased,\
 deu_Latn=bert-base-german-cased,zho_Hans=bert-base-chinese
-    (camembert-base is the usual French choice, but its config says model_type "camembert", which
-    model.py does not accept at the time of writing, although it is a RoBERTa.)
+    (camembert-base, the usual French choice, loads too: model.py reads model_type "camembert" as the
+    RoBERTa it is.)
 """
 import argparse
 import copy

@@ -46,7 +46,7 @@ class CheckpointError(XltError):
 # 1. Config
 # ----------------------------------------------------------------------------------------------------
 
-ROBERTA_FAMILY = ("roberta", "xlm-roberta")
+ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert")   # CamemBERT is a RoBERTa
 MODEL_TYPES = ("bert",) + ROBERTA_FAMILY
 
 
@@ -84,7 +84,8 @@ class Config:
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 
     def to_hf(self):
-        arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}[self.model_type]
+        arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
+                "camembert": "CamembertModel"}[self.model_type]
         return {"architectures": [arch], **asdict(self), "hidden_act": "gelu",
                 "position_embedding_type": "absolute"}
 
@@ -504,7 +505,7 @@ def hf_to_xlt(sd):
     src = {}
     for k, v in sd.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        for prefix in ("bert.", "roberta.", "model."):
+        for prefix in ("bert.", "roberta.", "camembert.", "model."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         src[k] = v
