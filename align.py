@@ -62,18 +62,28 @@ What is our choice (none of it is claimed to be the paper's):
     parallel: it is a form of translate-train, not a zero-shot setting for those languages. The paper's
     pair-task variant is `code_switch_pair` (no pair task in our data, so no run here uses it);
   - evaluation: Tatoeba xx->en top-1 per hidden state on a fixed random subset (`--tatoeba_n` pairs per
-    language, so retrieval is among n candidates, easier than the full set); zero-shot SIB-200 test accuracy
+    language, so retrieval is among n candidates, easier than the full set; always mean pooling, as
+    evaluate.embed does, whatever --pooling says); zero-shot SIB-200 test accuracy
     after fine-tuning on English with and without alignment, with and without code-switching; the epoch
     kept is the best on the English dev set. multilingual-e5 inputs get its "query: " prefix
     (evaluate.resolve_prefix) everywhere except inside TLM sequences.
 
 Run:
-    python align.py                                   # multilingual-e5-small, ~15 min on 2 CPU cores
+    python align.py              # multilingual-e5-small: ~1,000 s of single-core CPU time, ~10 min on 2 quiet cores
     python align.py --langs deu_Latn,fra_Latn --steps 200 --cs_prob 0.3
     python align.py --parallel my.en-de.tsv           # align on your own parallel text
-    # the paper's setting, for users with internet and a GPU:
+    # the paper's model (mBERT, with its pretrained MLM head) and [CLS] vector, for users with internet and a
+    # GPU; the sizes are ours, scaled up from the CPU defaults (the paper's hyperparameters are not known to us):
     python align.py --model bert-base-multilingual-cased --pooling cls --steps 2000 --batch_size 64 \
-        --queue_size 4096 --momentum 0.999 --device cuda
+        --queue_size 4096 --momentum 0.999 --epochs 4 --device cuda
+
+Outputs (OUT_DIR = --out_dir, default out/align), all in Hugging Face layout (transformers.AutoModel loads them):
+  OUT_DIR/aligned             the aligned encoder, with its (trained) MLM head
+  OUT_DIR/{unaligned, unaligned_cs, aligned_finetuned, aligned_cs}
+                              the four SIB-200 classifiers (encoder + head), each at its best English-dev epoch
+  OUT_DIR/results.json        config, seconds, hardware, per-phase timings, the alignment log (TLM and MoCo
+                              losses), Tatoeba per layer before/after, SIB-200 accuracies, fine-tuning logs,
+                              which code-switching was used, and both markdown tables
 """
 import argparse
 import copy
@@ -495,7 +505,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder forward")
     p.add_argument("--langs", default="deu_Latn,hin_Deva,swh_Latn,zho_Hans",
                    help="SIB-200 languages paired with English (train split) for alignment, and the languages "
-                   "code-switching translates into (default: deu_Latn,hin_Deva,swh_Latn,zho_Hans)")
+                   "code-switching translates into (default: deu_Latn,hin_Deva,swh_Latn,zho_Hans; 'all': the "
+                   "204 other than English)")
     p.add_argument("--parallel", nargs="+", default=None, metavar="FILE",
                    help="align on this parallel text instead: one TSV with two columns, or two line-aligned files")
     p.add_argument("--prefix", default="auto", help="text before every single-sentence input; 'auto': "
@@ -547,11 +558,12 @@ def check_args(args):
         raise XltError(f"--parallel takes one TSV file or two line-aligned files, got {len(args.parallel)}")
 
 
-def split_langs(arg, flag):
-    langs = [x.strip() for x in arg.split(",") if x.strip()]
-    if not langs:
-        raise XltError(f"--{flag} is empty")
-    return langs
+def resolve_langs(arg, task, data_dir, flag):
+    """evaluate.resolve_langs (comma-separated codes, or 'all'), with errors that name our flag."""
+    try:
+        return evaluate.resolve_langs(arg, task, data_dir)
+    except XltError as e:
+        raise XltError(str(e).replace("--langs", f"--{flag}")) from None
 
 
 def main(argv=None):
@@ -562,10 +574,13 @@ def main(argv=None):
     device = model.pick_device(args.device)
     data_dir = data.resolve_data_dir(args.data_dir)
     out_dir = Path(args.out_dir)
-    langs = split_langs(args.langs, "langs")
-    eval_langs = evaluate.resolve_langs(args.eval_langs, "sib200", data_dir)
-    tatoeba_langs = evaluate.resolve_langs(args.tatoeba_langs, "tatoeba", data_dir)
-    evaluate.resolve_langs(",".join(langs), "sib200", data_dir)          # a clear error for a bad --langs
+    langs = resolve_langs(args.langs, "sib200", data_dir, "langs")
+    if "eng_Latn" in langs:                # English is the side every language is paired with
+        if args.langs != "all":
+            raise XltError("--langs must not contain eng_Latn: every language is paired with English")
+        langs.remove("eng_Latn")
+    eval_langs = resolve_langs(args.eval_langs, "sib200", data_dir, "eval_langs")
+    tatoeba_langs = resolve_langs(args.tatoeba_langs, "tatoeba", data_dir, "tatoeba_langs")
     prefix = evaluate.resolve_prefix(args.prefix, args.model)
     model.set_seed(args.seed)
 
@@ -575,8 +590,9 @@ def main(argv=None):
     if args.max_len + 8 + c.position_offset > c.max_position_embeddings:
         raise XltError(f"--max_len {args.max_len}: the model has only {c.max_position_embeddings} positions")
     pairs = file_pairs(args.parallel) if args.parallel else sib200_pairs(data_dir, langs)
-    print(f"[align] {len(pairs)} parallel pairs from {'--parallel ' + ' '.join(args.parallel) if args.parallel else 'SIB-200 train: eng_Latn-' + ',eng_Latn-'.join(langs)}; "
-          f"prefix {prefix!r}; pooling {args.pooling}; device {device}")
+    source = f"--parallel {' '.join(args.parallel)}" if args.parallel else \
+        f"SIB-200 train, English paired with {','.join(langs)}"
+    print(f"[align] {len(pairs)} parallel pairs ({source}); prefix {prefix!r}; pooling {args.pooling}; device {device}")
     base = key_encoder(f_q)                # the unaligned encoder, kept for the baselines (a frozen copy)
 
     t = time.time()
@@ -586,9 +602,9 @@ def main(argv=None):
     t = time.time()
     align_info, _ = align(f_q, tok, pairs, args, device, prefix)
     timings["align"] = time.time() - t
-    f_q.save_pretrained(out_dir / "aligned", tokenizer=tok, extra={"xlt_align": {
+    f_q.save_pretrained(out_dir / "aligned", tokenizer=tok, extra={"xlt_prefix": prefix, "xlt_align": {
         "method": "Pan et al. 2021 post-pretraining alignment (TLM + MoCo)", "steps": args.steps,
-        "langs": "file" if args.parallel else langs, "pooling": args.pooling}})
+        "data": source, "pooling": args.pooling, "seed": args.seed}})
     aligned = key_encoder(f_q)             # the aligned encoder without MLM head, frozen copy
     del f_q
 
@@ -601,10 +617,11 @@ def main(argv=None):
     dev_rows = data.read_sib200(data_dir, "eng_Latn", "dev")
     translations = sib200_translations(data_dir, langs, "train")
     alternatives = [translations.get(r["index_id"], []) for r in train_rows]
-    runs = {"unaligned": (base, 0.0), f"unaligned + code-switch p={args.cs_prob:g}": (base, args.cs_prob),
-            "aligned": (aligned, 0.0), f"aligned + code-switch p={args.cs_prob:g}": (aligned, args.cs_prob)}
+    cs = f"code-switch p={args.cs_prob:g}"
+    runs = {"unaligned": ("unaligned", base, 0.0), f"unaligned + {cs}": ("unaligned_cs", base, args.cs_prob),
+            "aligned": ("aligned_finetuned", aligned, 0.0), f"aligned + {cs}": ("aligned_cs", aligned, args.cs_prob)}
     sib, finetune_info = {}, {}
-    for name, (start, p) in runs.items():
+    for name, (slug, start, p) in runs.items():
         t = time.time()
         encoder = copy.deepcopy(start)
         for param in encoder.parameters():
@@ -616,9 +633,13 @@ def main(argv=None):
         info["seconds"] = round(time.time() - t, 1)
         finetune_info[name] = info
         timings["finetune " + name] = time.time() - t
-        print(f"[align] {name}: English dev {max(info['dev']):.1f} (epoch {info['best_epoch']}), "
-              f"zero-shot avg {sum(v for k, v in sib[name].items() if k != 'eng_Latn') / max(1, len(sib[name]) - 1):.1f}, "
-              f"{info['seconds']:.0f} s")
+        model.save_pretrained(encoder, out_dir / slug, tokenizer=tok, head=head, extra={
+            "xlt_prefix": prefix, "xlt_align": {"run": name, "english_dev": max(info["dev"]),
+                                                "epoch": info["best_epoch"], "seed": args.seed}})
+        zero_shot = [v for lang, v in sib[name].items() if lang != "eng_Latn"]
+        print(f"[align] {name}: English dev {max(info['dev']):.1f} (epoch {info['best_epoch']}), zero-shot avg "
+              f"{sum(zero_shot) / len(zero_shot) if zero_shot else float('nan'):.1f}, {info['seconds']:.0f} s "
+              f"-> {out_dir / slug}")
         del encoder, head
 
     seconds = time.time() - t0
@@ -646,7 +667,8 @@ def main(argv=None):
         "sib200": {run: {lang: round(v, 1) for lang, v in scores.items()} for run, scores in sib.items()},
         "finetune": finetune_info,
         "tables": {"tatoeba": table_tatoeba, "sib200": table_sib}})
-    print(f"[align] wrote {out_dir / 'results.json'} and the aligned model {out_dir / 'aligned'}")
+    print(f"[align] wrote {out_dir / 'results.json'}, the aligned encoder {out_dir / 'aligned'} and the four "
+          f"classifiers {', '.join(str(out_dir / slug) for slug, _, _ in runs.values())}")
     return {"sib200": sib, "tatoeba_before": before, "tatoeba_after": after}
 
 

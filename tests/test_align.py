@@ -256,6 +256,13 @@ def test_bad_arguments(tmp_path):
         align.file_pairs([tmp_path / "missing.tsv"])
 
 
+def test_bad_languages(data_dir):
+    with pytest.raises(XltError, match="eng_Latn"):
+        align.main(["--data_dir", str(data_dir), "--langs", "deu_Latn,eng_Latn"])
+    with pytest.raises(XltError, match="--tatoeba_langs"):
+        align.main(["--data_dir", str(data_dir), "--tatoeba_langs", "zzz"])
+
+
 # ---------------------------------------------------------------------------------------------------- end to end
 
 def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
@@ -277,4 +284,7 @@ def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
     assert res["config"]["steps"] == 4 and res["seconds"] > 0
     assert (out / "aligned" / "config.json").exists() and (out / "aligned" / "model.safetensors").exists()
     assert Encoder.from_pretrained(out / "aligned").config.hidden_size == 32
+    for slug in ("unaligned", "unaligned_cs", "aligned_finetuned", "aligned_cs"):
+        cfg = json.loads((out / slug / "config.json").read_text())
+        assert cfg["xlt_head"]["num_labels"] == len(data.SIB200_LABELS) and "xlt_align" in cfg
     assert result["sib200"]["aligned"]["eng_Latn"] >= 0
