@@ -494,14 +494,14 @@ def per_layer_table(before, after):
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Post-Pretraining Alignment (Pan et al. 2021): TLM + MoCo on "
+    p = argparse.ArgumentParser(formatter_class=model.HelpFormatter, description="Post-Pretraining Alignment (Pan et al. 2021): TLM + MoCo on "
                                 "parallel data, then zero-shot SIB-200 with and without code-switching.")
     p.add_argument("--model", default="intfloat/multilingual-e5-small", help="encoder to align (hub name or "
                    "directory; default: the embedded multilingual-e5-small)")
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--out_dir", default="out/align")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default="out/align", help="results.json and the saved models")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder forward")
     p.add_argument("--langs", default="deu_Latn,hin_Deva,swh_Latn,zho_Hans",
                    help="SIB-200 languages paired with English (train split) for alignment, and the languages "
@@ -516,7 +516,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=60, help="alignment steps (default 60)")
     p.add_argument("--batch_size", type=int, default=16, help="parallel pairs per alignment step")
     p.add_argument("--lr", type=float, default=3e-5, help="alignment peak learning rate")
-    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on matrices only")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup (both loops)")
     p.add_argument("--tlm_weight", type=float, default=1.0, help="loss = tlm_weight * TLM + MoCo (0: MoCo only)")
     p.add_argument("--mask_prob", type=float, default=0.15, help="TLM masking rate (BERT's 15%%)")
@@ -528,10 +528,10 @@ def parse_args(argv=None):
                    "vector) or cls (the paper's, for mBERT)")
     p.add_argument("--train_embeddings", action="store_true",
                    help="also train the word-embedding matrix (frozen by default, in both loops)")
-    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--log_every", type=int, default=10, help="steps between logged losses")
     # fine-tuning and evaluation
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs on English SIB-200 train")
-    p.add_argument("--ft_batch_size", type=int, default=32)
+    p.add_argument("--ft_batch_size", type=int, default=32, help="sentences per SIB-200 fine-tuning step")
     p.add_argument("--ft_lr", type=float, default=1e-4, help="fine-tuning peak learning rate (distill.py's 1e-4)")
     p.add_argument("--cs_prob", type=float, default=0.5, help="code-switching probability p (our default 0.5)")
     p.add_argument("--eval_langs", default="eng_Latn,deu_Latn,hin_Deva,swh_Latn,zho_Hans,fra_Latn,arb_Arab,"

@@ -571,11 +571,11 @@ def report(results, meta, args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=M.HelpFormatter)
     p.add_argument("--configs", nargs="+", default=["e5-small", "bert-base"], choices=list(SHAPES),
                    help="architecture shapes to time (mbert-base: BERT-base with mBERT's 119547-piece vocabulary)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=32, help="sentences per step")
+    p.add_argument("--seq_len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--padding", type=float, default=0.0,
                    help="pad this fraction of the positions of every other row (0: full-length rows, "
                         "which the FLOP count assumes; padded positions are still computed and counted)")
@@ -596,7 +596,7 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the card's bf16 peak for MFU (default on CUDA: looked up from the card's name)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 

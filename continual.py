@@ -443,27 +443,27 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device):
 # ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune on English POS without losing cross-lingual ability: "
+    p = argparse.ArgumentParser(formatter_class=model.HelpFormatter, description="Fine-tune on English POS without losing cross-lingual ability: "
                                 "naive, freeze, multitask and GEM projection against masked LM (Liu et al. 2020).")
     p.add_argument("--method", default="all", choices=METHODS + ("all",),
                    help="naive | freeze | multitask | gem, or all (default) for the comparison table")
     p.add_argument("--checkpoint", default="intfloat/multilingual-e5-small", help="encoder (hub name or dir)")
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--out_dir", default="out/continual")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default="out/continual", help="results.json, the taggers and the fitted MLM head")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder for training")
     p.add_argument("--langs", default=",".join(DEFAULT_LANGS),
                    help=f"Tatoeba codes, comma-separated, from: {','.join(LANGS)} (default: %(default)s); "
                         "each is evaluated on Tatoeba retrieval and on its UD PUD set")
     p.add_argument("--batch_size", type=int, default=16, help="POS sentences per step")
-    p.add_argument("--eval_batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--eval_batch_size", type=int, default=64, help="sentences per evaluation batch")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of fine-tuning")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on matrices only")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="passes over the EWT training subset")
     p.add_argument("--max_len", type=int, default=64, help="subword tokens per training / memory sentence")
-    p.add_argument("--log_every", type=int, default=20)
+    p.add_argument("--log_every", type=int, default=20, help="steps between logged losses")
     p.add_argument("--eval_every", type=int, default=50, help="steps between EWT-dev evaluations "
                    "(model selection; also after the last step); 0 = once per epoch")
     p.add_argument("--train_sentences", type=int, default=2000,
@@ -481,12 +481,12 @@ def parse_args(argv=None):
     p.add_argument("--memory_batch_size", type=int, default=8, help="memory sentences per MLM step")
     p.add_argument("--memory_eval_per_lang", type=int, default=8,
                    help="SIB-200 dev sentences per memory language to measure MLM before/after (0 = skip)")
-    p.add_argument("--mlm_prob", type=float, default=0.15)
+    p.add_argument("--mlm_prob", type=float, default=0.15, help="fraction of tokens masked for MLM")
     p.add_argument("--mlm_vocab", default="memory", choices=("memory", "full"),
                    help="softmax over the memory's subword ids (default, cheap) or all ids")
     p.add_argument("--mlm_head_steps", type=int, default=500,
                    help="steps (of 64 masked tokens) to fit an MLM head where the checkpoint has none")
-    p.add_argument("--mlm_head_lr", type=float, default=1e-3)
+    p.add_argument("--mlm_head_lr", type=float, default=1e-3, help="learning rate of the MLM head fit")
     p.add_argument("--train_embeddings", action="store_true", help="also fine-tune the word-embedding matrix")
     p.add_argument("--no_save", action="store_true", help="do not save the fine-tuned taggers")
     args = p.parse_args(argv)

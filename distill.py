@@ -487,7 +487,7 @@ def summarize(per_seed, train_lang):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " (the module docstring says more)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=model.HelpFormatter)
     p.add_argument("--teacher", default="sentence-transformers/all-MiniLM-L6-v2",
                    help="the monolingual (English) teacher: hub name or directory")
     p.add_argument("--student", default="intfloat/multilingual-e5-small",

@@ -470,12 +470,12 @@ def load_finetuned(path, task):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Zero-shot cross-lingual evaluation of a fine-tuned classifier/"
+    p = argparse.ArgumentParser(formatter_class=model.HelpFormatter, description="Zero-shot cross-lingual evaluation of a fine-tuned classifier/"
                                 "tagger (sib200, pos, nusax, xnli) or of any encoder's sentence retrieval "
                                 "(tatoeba).")
     p.add_argument("--model", required=True, help="hub name or directory; sib200/pos/nusax/xnli need a "
                    "directory saved with a task head (save_pretrained(..., head=...))")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
     p.add_argument("--langs", default=None, help="comma-separated codes, or 'all'. sib200: FLORES codes "
                    "(default: the 14 of DEFAULT_SIB200_LANGS); tatoeba: ISO 639-3 codes such as deu,cmn "
                    f"(default: {','.join(DEFAULT_TATOEBA_LANGS)}); pos: ISO 639-1 codes of UD PUD (default: "
@@ -490,7 +490,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
     p.add_argument("--max_len", type=int, default=None, help="subword tokens per input (default: 256 for "
                    "pos, where a sentence is cut only rarely, else 128)")
     args = p.parse_args(argv)

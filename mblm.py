@@ -463,7 +463,7 @@ def has_head(name):
 # ----------------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MBLM (Yang et al. 2022): a multi-branch multilingual student "
+    p = argparse.ArgumentParser(formatter_class=model.HelpFormatter, description="MBLM (Yang et al. 2022): a multi-branch multilingual student "
                                 "distilled from monolingual teachers, with zero-shot-aware training, on SIB-200.")
     p.add_argument("--teachers", default=DEFAULT_TEACHERS, help="LANG=NAME_OR_DIR,... one teacher per supervised "
                    "language; a directory with an xlt classification head is used as is, any other checkpoint "
@@ -485,22 +485,22 @@ def get_args(argv=None):
                    "of the other branches: uniform, or random (uniform on the simplex, per example)")
     p.add_argument("--epochs", type=int, default=3, help="student epochs (over all supervised languages)")
     p.add_argument("--teacher_epochs", type=int, default=3, help="epochs for teachers that need fine-tuning")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=32, help="sentences per step")
+    p.add_argument("--eval_batch_size", type=int, default=64, help="sentences per evaluation batch")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the transformer blocks")
     p.add_argument("--head_lr", type=float, default=3e-3, help="peak learning rate of the classifier head")
-    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on matrices only")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps with linear warmup")
-    p.add_argument("--max_len", type=int, default=128)
+    p.add_argument("--max_len", type=int, default=128, help="subword tokens per input")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows of every split (tests)")
     p.add_argument("--train_embeddings", action="store_true", help="also train the word-embedding matrix "
                    "(only with --train_layers covering the whole model)")
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log_every", type=int, default=10, help="steps between logged losses")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--out_dir", default="out/mblm")
+    p.add_argument("--out_dir", default="out/mblm", help="results.json, teachers and the MBLM branches")
     args = p.parse_args(argv)
     for name in ("branch_layers", "train_layers", "epochs", "teacher_epochs", "batch_size", "eval_batch_size",
                  "max_len", "log_every"):

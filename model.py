@@ -18,6 +18,8 @@ The story, top to bottom:
     h = enc(input_ids, attention_mask)                               # (B, T, H), last layer
     hs = enc(input_ids, attention_mask, output_hidden_states=True)   # embeddings + every layer
 """
+import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -660,6 +662,17 @@ def load_with_head(path):
 # ----------------------------------------------------------------------------------------------------
 # 5. Training utilities shared by the scripts
 # ----------------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: the description as written, and each option's default unless its help says it."""
+
+    def _format_action(self, action):
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS and "default" not in (action.help or "")):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
 
 def pick_device(arg="auto"):
     if arg == "auto":

@@ -618,7 +618,7 @@ def stage_b(enc, vocab_e, vocab_f, batches_e, batches_f, args, device, desc="sta
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=model.HelpFormatter)
     p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
                    help="the English checkpoint to transfer (hub name or directory)")
     p.add_argument("--lang", default="deu_Latn", help="target language, a SIB-200 (FLORES-200) code")
@@ -629,26 +629,26 @@ def main(argv=None):
     p.add_argument("--parallel", default=None, help="bitext, English<TAB>foreign per line (replaces the "
                    "built-in bitext)")
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--out_dir", default="out/transfer")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default="out/transfer", help="results.json and the transferred models")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
     p.add_argument("--compile", action="store_true", help="torch.compile the Transformer blocks")
     p.add_argument("--vocab_size", type=int, default=8000, help="foreign WordPiece vocabulary size")
     p.add_argument("--ibm_iterations", type=int, default=5, help="EM iterations of IBM Model 1")
     p.add_argument("--head_steps", type=int, default=60, help="Stage 0 (MLM head fit), only for a "
                    "checkpoint without an MLM head")
-    p.add_argument("--head_lr", type=float, default=1e-3)
+    p.add_argument("--head_lr", type=float, default=1e-3, help="Stage 0 learning rate")
     p.add_argument("--stage_a_steps", type=int, default=150, help="Stage A: foreign embeddings only")
-    p.add_argument("--stage_a_lr", type=float, default=3e-4)
+    p.add_argument("--stage_a_lr", type=float, default=3e-4, help="Stage A peak learning rate")
     p.add_argument("--stage_b_steps", type=int, default=40, help="Stage B: joint English + foreign MLM")
-    p.add_argument("--stage_b_lr", type=float, default=1e-4)
+    p.add_argument("--stage_b_lr", type=float, default=1e-4, help="Stage B peak learning rate")
     p.add_argument("--epochs", type=int, default=2, help="English SIB-200 fine-tuning epochs")
     p.add_argument("--lr", type=float, default=2e-4, help="English fine-tuning learning rate")
     p.add_argument("--batch_size", type=int, default=32, help="sentences per batch (MLM: per language)")
-    p.add_argument("--max_len", type=int, default=128)
-    p.add_argument("--weight_decay", type=float, default=0.01)
+    p.add_argument("--max_len", type=int, default=128, help="subword tokens per input")
+    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on matrices only")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of each stage's steps")
-    p.add_argument("--log_every", type=int, default=25)
+    p.add_argument("--log_every", type=int, default=25, help="steps between logged losses")
     p.add_argument("--max_sentences", type=int, default=None, help="cap the bitext and the foreign text "
                    "(quick tests)")
     p.add_argument("--max_train", type=int, default=None, help="cap English SIB-200 train rows (quick tests)")
