@@ -147,18 +147,23 @@ class _evaluating:
             sub.training = mode
 
 
-def predict_classes(encoder, head, examples, pad_id, device, batch_size=64):
-    """Predicted class ids of examples ({'input_ids', 'token_type_ids'} from data.encode), in their order."""
+def _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
+    """(indices into examples, the head's argmax for each as a list) per length-sorted batch."""
     device = torch.device(device)
-    preds = [None] * len(examples)
     with _evaluating(encoder, head):
         for idx in _length_batches(examples, batch_size):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                logits = head(h, batch["attention_mask"])
-            for i, p in zip(idx, logits.argmax(-1).tolist()):
-                preds[i] = p
+                yield idx, head(h, batch["attention_mask"]).argmax(-1).tolist()
+
+
+def predict_classes(encoder, head, examples, pad_id, device, batch_size=64):
+    """Predicted class ids of examples ({'input_ids', 'token_type_ids'} from data.encode), in their order."""
+    preds = [None] * len(examples)
+    for idx, classes in _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
+        for i, c in zip(idx, classes):
+            preds[i] = c
     return preds
 
 
@@ -243,16 +248,10 @@ def xnli_scores(encoder, head, tok, data_dir, langs, device, split="test", max_l
 
 def predict_tags(encoder, head, examples, pad_id, device, batch_size=64):
     """Per example, the predicted tag id at every token position (a list as long as its input_ids)."""
-    device = torch.device(device)
     preds = [None] * len(examples)
-    with _evaluating(encoder, head):
-        for idx in _length_batches(examples, batch_size):
-            batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
-            with model.autocast(device):
-                h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                tags = head(h, batch["attention_mask"]).argmax(-1).tolist()
-            for i, t in zip(idx, tags):
-                preds[i] = t[:len(examples[i]["input_ids"])]
+    for idx, tags in _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
+        for i, t in zip(idx, tags):
+            preds[i] = t[:len(examples[i]["input_ids"])]      # drop the padding positions
     return preds
 
 
