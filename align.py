@@ -69,7 +69,7 @@ What is our choice (none of it is claimed to be the paper's):
     (evaluate.resolve_prefix) everywhere except inside TLM sequences.
 
 Run:
-    python align.py              # multilingual-e5-small: ~1,000 s of single-core CPU time, ~10 min on 2 quiet cores
+    python align.py              # multilingual-e5-small: 15.5 min on ONE core of a 2-core CPU
     python align.py --langs deu_Latn,fra_Latn --steps 200 --cs_prob 0.3
     python align.py --parallel my.en-de.tsv           # align on your own parallel text
     # the paper's model (mBERT, with its pretrained MLM head) and [CLS] vector, for users with internet and a
