@@ -596,7 +596,7 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="the card's bf16 peak for MFU (default on CUDA: looked up from the card's name)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p.parse_args(argv)
 

@@ -588,7 +588,8 @@ def run(args, rank, world, device):
         print(evaluate.markdown_table(mean, train_lang=task["train_lang"]))
         if "zero_shot_std" in summary:
             print("\nzero-shot avg, mean +- std over seeds: " + ", ".join(
-                f"{m} {summary['zero_shot_avg'][m]:.1f} +- {summary['zero_shot_std'][m]:.1f}" for m in METHODS))
+                f"{m} {zero_shot_avg(mean[m], task['train_lang']):.1f} +- {summary['zero_shot_std'][m]:.1f}"
+                for m in METHODS))                   # the mean unrounded, as in the table (no double rounding)
         result = {"results": summary["results"], "zero_shot_avg": summary["zero_shot_avg"],
                   "config": vars(args) | {"world_size": world, "device": str(device)}, "seconds": seconds}
         if "per_seed" in summary:
