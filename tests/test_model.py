@@ -13,7 +13,12 @@ from model import (CheckpointError, ClassificationHead, Config, Encoder, load_wi
                    resolve_checkpoint, save_pretrained, write_safetensors)
 
 REPO = Path(__file__).resolve().parents[1]
-transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle (CI installs it)")
+try:
+    import transformers
+except ImportError:
+    transformers = None
+# transformers is only the parity oracle: without it its tests skip, the rest of this file still runs (CI has it)
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is the parity oracle (CI installs it)")
 
 
 def padded_batch(vocab, pad_id, lengths=(13, 7, 1), seed=0, offset=5):
@@ -51,6 +56,7 @@ def hf_tiny(kind, path):
     return m.eval(), cfg.pad_token_id
 
 
+@needs_transformers
 @pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
 def test_parity_every_layer_with_padding(kind, tmp_path):
     ref, pad = hf_tiny(kind, tmp_path)
@@ -68,6 +74,7 @@ def test_parity_every_layer_with_padding(kind, tmp_path):
     assert (logits - out.logits)[real].abs().max().item() <= 1e-5
 
 
+@needs_transformers
 def test_parity_real_minilm():
     name = "sentence-transformers/all-MiniLM-L6-v2"
     path = resolve_checkpoint(name)
@@ -90,6 +97,7 @@ def test_parity_real_minilm():
     assert enc[1].tokens == ["[CLS]", "hello", "!", "[SEP]"]
 
 
+@needs_transformers
 @pytest.mark.parametrize("model_type", ["bert", "xlm-roberta"])
 def test_round_trip_to_transformers(model_type, tmp_path):
     cfg = Config(model_type=model_type, vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
