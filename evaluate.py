@@ -369,12 +369,6 @@ def markdown_table(results, train_lang=None, digits=1, row_name="method"):
     return "\n".join(lines)
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_json(path, obj):
     """Write obj as JSON (indent 2) atomically: a temporary file in the same folder, then os.replace, so
     a reader never sees half a file and an interrupted run leaves the old file intact."""
@@ -387,7 +381,7 @@ def write_json(path, obj):
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())        # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~model.current_umask())        # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,5 +1,6 @@
 """model.py: parity with transformers, Hugging Face round trips, the 4-bit e5 reader, bad input."""
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import evaluate
 from data import load_tokenizer
 from model import (CheckpointError, ClassificationHead, Config, Encoder, load_with_head, read_safetensors,
                    resolve_checkpoint, save_pretrained, write_safetensors)
@@ -131,6 +133,19 @@ def test_save_is_atomic_over_an_existing_dir(tmp_path):
     loaded = Encoder.from_pretrained(tmp_path / "m")
     assert torch.equal(loaded.embed.word.weight, b.embed.word.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_saved_files_get_the_umask_permissions(tmp_path):
+    """mkdtemp/mkstemp make 0700/0600; what save_pretrained and write_json leave must be ordinary."""
+    cfg = Config(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    old = os.umask(0o027)
+    try:
+        save_pretrained(Encoder(cfg), tmp_path / "m")
+        evaluate.write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
 
 
 def test_safetensors_round_trip_dtypes(tmp_path):
