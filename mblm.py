@@ -310,12 +310,6 @@ def sib200_examples(tok, data_dir, lang, split, max_len, prefix="", limit=None):
             zip(data.encode(tok, [prefix + r["text"] for r in rows], max_len), rows)]
 
 
-def length_batches(examples, batch_size):
-    """Index batches in order of length (little padding), for passes without training."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def collate(examples, pad_id, device):
     """data.pad_batch (+ 'label'), with cached 'states' padded to the batch length and 'teacher_logits'
     stacked, when the examples carry them."""
@@ -336,7 +330,7 @@ def frozen_states(encoder, examples, n_blocks, pad_id, device, batch_size=64, de
         return
     device = torch.device(device)
     encoder.eval()
-    for idx in tqdm(length_batches(examples, batch_size), desc=desc, leave=False):
+    for idx in tqdm(evaluate._length_batches(examples, batch_size), desc=desc, leave=False):
         batch = collate([examples[i] for i in idx], pad_id, device)
         with model.autocast(device):
             h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], layers=n_blocks)
@@ -351,7 +345,7 @@ def predict(m, examples, lang, pad_id, device, batch_size=64):
     device, was = torch.device(device), m.training
     m.eval()
     out = torch.zeros(len(examples), m.head.num_labels)
-    for idx in length_batches(examples, batch_size):
+    for idx in evaluate._length_batches(examples, batch_size):
         batch = collate([examples[i] for i in idx], pad_id, device)
         with model.autocast(device):
             out[idx] = m(batch, lang).float().cpu()
@@ -393,14 +387,15 @@ def train(m, train_sets, dev_sets, args, device, pad_id, alpha=0.0, zs_weight=0.
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]
     params = [p for p in m.parameters() if p.requires_grad]
-    steps_per_epoch = len(language_batches(train_sets, args.batch_size, args.seed, 0))
-    total = epochs * steps_per_epoch
+    # Every epoch's batches, made once: their count is also the length of the learning-rate schedule.
+    schedule = [language_batches(train_sets, args.batch_size, args.seed, e) for e in range(epochs)]
+    total = sum(len(batches) for batches in schedule)
     warmup = math.ceil(args.warmup * total)
     history, best, best_state = [], -1.0, None
     running, count, step = torch.zeros((), device=device), 0, 0
     bar = tqdm(total=total, desc=desc, leave=False)
-    for epoch in range(epochs):
-        for lang, idx in language_batches(train_sets, args.batch_size, args.seed, epoch):
+    for epoch, batches in enumerate(schedule):
+        for lang, idx in batches:
             for g in opt.param_groups:
                 g["lr"] = g["peak_lr"] * model.lr_schedule(step, total, warmup)
             batch = collate([train_sets[lang][i] for i in idx], pad_id, device)
@@ -467,7 +462,7 @@ def get_args(argv=None):
                                 "distilled from monolingual teachers, with zero-shot-aware training, on SIB-200.")
     p.add_argument("--teachers", default=DEFAULT_TEACHERS, help="LANG=NAME_OR_DIR,... one teacher per supervised "
                    "language; a directory with an xlt classification head is used as is, any other checkpoint "
-                   f"is fine-tuned on LANG's SIB-200 train split first (default: {DEFAULT_TEACHERS}; the French "
+                   f"is fine-tuned on LANG's SIB-200 train split first (default: {DEFAULT_TEACHERS}; the German "
                    "one is a multilingual stand-in, see the docstring)")
     p.add_argument("--student", default=DEFAULT_STUDENT, help="the multilingual checkpoint the student starts from")
     p.add_argument("--langs", default=None, help="comma-separated SIB-200 test languages (default: "
@@ -561,10 +556,9 @@ def make_teacher(lang, name, args, data_dir, device, loaded):
         m = MBLM(enc, None, 1, head.num_labels, head.pooling)
         m.head = head
         m.to(device)
-        pad_id = data.special_ids(tok)["pad"]
-        ex = sib200_examples(tok, data_dir, lang, "train", args.max_len, evaluate.resolve_prefix("auto", name), args.limit)
-        test = {lang: sib200_examples(tok, data_dir, lang, "test", args.max_len, evaluate.resolve_prefix("auto", name),
-                                      args.limit)}
+        pad_id, prefix = data.special_ids(tok)["pad"], evaluate.resolve_prefix("auto", name)
+        ex = sib200_examples(tok, data_dir, lang, "train", args.max_len, prefix, args.limit)
+        test = {lang: sib200_examples(tok, data_dir, lang, "test", args.max_len, prefix, args.limit)}
         info = {"checkpoint": name, "fine_tuned_here": False}
     else:
         if name not in loaded:
@@ -662,8 +656,9 @@ def main(argv=None):
         results[name] = {"scores": scores, "supervised_avg": sum(scores[x] for x in supervised) / len(supervised),
                          "zero_shot_avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None,
                          "history": history, "seconds": round(time.time() - tv, 1)}
+        zs_avg = results[name]["zero_shot_avg"]     # None without zero-shot languages (0.0 is a score)
         print(f"[mblm] {LABELS[name]}: supervised {results[name]['supervised_avg']:.1f}, zero-shot "
-              f"{results[name]['zero_shot_avg'] or float('nan'):.1f} ({results[name]['seconds']:.0f} s)")
+              f"{float('nan') if zs_avg is None else zs_avg:.1f} ({results[name]['seconds']:.0f} s)")
         if name == ("mblm" if "mblm" in variants else variants[-1]):
             save_mblm(m.cpu(), out_dir / name, student.tok, extra={"variant": name, "xlt_prefix": student.prefix})
         del m

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mblm
 from model import Config, Encoder, XltError
@@ -12,12 +11,15 @@ from model import Config, Encoder, XltError
 LANGS = ["eng_Latn", "fra_Latn", "deu_Latn"]
 
 
+def config(layers=3):
+    return Config(vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                  intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+
+
 def tiny(layers=3, branch_layers=1, langs=LANGS, frozen=0, seed=0):
     torch.manual_seed(seed)
-    cfg = Config(vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                 intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                 attention_probs_dropout_prob=0.0)
-    enc = Encoder(cfg)
+    enc = Encoder(config(layers))
     m = mblm.MBLM(enc, langs, branch_layers, num_labels=7, frozen=frozen)
     torch.nn.init.normal_(m.head.out.weight, std=1.0)      # a head that makes differences visible
     m.head.dropout.p = 0.0
@@ -61,9 +63,7 @@ def test_routing_sends_each_language_to_its_branch():
 
 def test_bottom_is_the_encoders_first_blocks():
     torch.manual_seed(0)
-    cfg = Config(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
-                 max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    enc = Encoder(cfg).eval()
+    enc = Encoder(config(3)).eval()
     b = batch()
     full = enc(b["input_ids"], b["attention_mask"])
     top = [p.detach().clone() for p in enc.layers[2:].parameters()]
@@ -196,6 +196,18 @@ def test_cached_frozen_states_give_the_same_outputs():
     assert not m0.encoder.embed.word.weight.requires_grad and m0.encoder.embed.position.weight.requires_grad
     with pytest.raises(XltError):
         tiny(layers=3, branch_layers=2, frozen=2)
+
+
+def test_language_batches_one_language_per_batch():
+    sets = {"eng_Latn": [{"input_ids": [0] * (1 + i % 5)} for i in range(23)],
+            "fra_Latn": [{"input_ids": [0] * (1 + i % 3)} for i in range(10)]}
+    first = mblm.language_batches(sets, 4, seed=0, epoch=0)
+    assert first == mblm.language_batches(sets, 4, seed=0, epoch=0)          # reproducible
+    for lang, ex in sets.items():       # every example of every language exactly once, batches never mixed
+        assert sorted(i for lg, idx in first if lg == lang for i in idx) == list(range(len(ex)))
+    assert len(first) == 6 + 3
+    second = mblm.language_batches(sets, 4, seed=0, epoch=1)
+    assert len(second) == len(first) and second != first                   # same count, new order
 
 
 def test_save_and_load_round_trip(tmp_path):
