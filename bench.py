@@ -131,17 +131,6 @@ def card_peak_tflops(name):
     return None
 
 
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 class Peak:
     """A large square matmul in the step's compute dtype: the machine's attainable matmul FLOP/s."""
 
@@ -318,7 +307,7 @@ def bench_config(name, args, device, log):
         res["max_abs_diff"] = max_abs_diff(ours, theirs, batch, device, args.dtype)
         log(f"[{name}] outputs of ours and transformers' on the same batch (eval): max |diff| = {res['max_abs_diff']:.2e}")
 
-    runners = [Runner("ours", ours, lambda i, m: ours(i, m), device, args.dtype, args.compile)]
+    runners = [Runner("ours", ours, ours, device, args.dtype, args.compile)]
     if theirs is not None:
         runners.append(Runner("transformers", theirs,
                               lambda i, m: theirs(input_ids=i, attention_mask=m).last_hidden_state,
@@ -622,7 +611,7 @@ def main(argv=None, log=print):
         if args.peak_tflops is None:
             args.peak_tflops = card_peak_tflops(meta["device_name"])
     else:
-        meta["device_name"] = cpu_name()
+        meta["device_name"] = M.cpu_name()
     if not args.no_reference:
         meta["transformers"] = import_transformers().__version__
     meta["card_peak_tflops"] = args.peak_tflops

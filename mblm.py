@@ -96,8 +96,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -578,12 +576,6 @@ def make_teacher(lang, name, args, data_dir, device, loaded):
     return logits, info
 
 
-def hardware(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
-
-
 def summary_table(results, supervised):
     """Markdown: per variant, each supervised language, their mean, and the zero-shot mean."""
     lines = ["| method | " + " | ".join(supervised) + " | supervised avg | zero-shot avg |",
@@ -670,7 +662,7 @@ def main(argv=None):
     print("\nper language:\n" + per_lang)
     print(f"\n[mblm] {seconds:.0f} s; wrote {out_dir / 'results.json'}")
     evaluate.write_json(out_dir / "results.json", {
-        "config": vars(args), "device": str(device), "hardware": hardware(device),
+        "config": vars(args), "device": str(device), "hardware": model.hardware(device),
         "supervised": supervised, "zero_shot": zero_shot,
         "teachers": teacher_info,
         "results": {n: dict(r, scores={k: round(v, 2) for k, v in r["scores"].items()}) for n, r in results.items()},

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import struct
 import tempfile
@@ -678,6 +679,25 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             action = copy.copy(action)
             action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
         return super()._format_action(action)
+
+
+def cpu_name():
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device):
+    """One line for results.json: what a run's times were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
 
 
 def pick_device(arg="auto"):
