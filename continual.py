@@ -107,14 +107,13 @@ def flatten_grads(params):
 
 
 def write_grads(params, flat):
-    """Scatter a flat vector back into the .grad of each parameter of the group (the inverse of flatten_grads)."""
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone()
-        offset += n
-    if offset != flat.numel():
-        raise ValueError(f"write_grads: the vector has {flat.numel()} entries, the parameters {offset}")
+    """Scatter a flat vector back into the .grad of each parameter of the group (the inverse of flatten_grads).
+    The gradients become views of `flat` (no copy of every shared gradient per step), so pass a fresh vector."""
+    sizes = [p.numel() for p in params]
+    if sum(sizes) != flat.numel():
+        raise ValueError(f"write_grads: the vector has {flat.numel()} entries, the parameters {sum(sizes)}")
+    for p, g in zip(params, flat.split(sizes)):
+        p.grad = g.view_as(p).to(p.dtype)
 
 
 def project(g, g_ref):
@@ -284,10 +283,13 @@ def fit_mlm_head(enc, memory, steps, lr, device, cache, batch_tokens=64, log_eve
     vocab = memory.vocab.to(device)
     tail = max(1, steps // 10)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    # Every step's token indices drawn up front and moved once: a CPU tensor moved to a GPU inside the loop
+    # would wait for the queued work at every step (the same numbers as drawing 64 per step).
+    draws = torch.randint(len(targets), (steps, batch_tokens), generator=memory.generator).to(device)
     for step in tqdm(range(steps), desc="MLM head: fit", leave=False):
         for group in opt.param_groups:
             group["lr"] = lr * model.lr_schedule(step, steps, max(1, steps // 10))
-        idx = torch.randint(len(targets), (batch_tokens,), generator=memory.generator).to(device)
+        idx = draws[step]
         with model.autocast(device):
             logits = mlm_logits(enc, states[idx], vocab).float()
         loss = F.cross_entropy(logits, targets[idx])
@@ -420,7 +422,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device):
                 tqdm.write(msg)
                 task_sum, mlm_sum, projected, cos_sum, since_log = zero(), zero(), zero(), zero(), 0
             if step % eval_every == 0 or step == total:
-                acc = pos_eval(enc, head, tok, {"dev": dev}, device, args.eval_batch_size)["dev"]
+                acc = evaluate.pos_accuracy(enc, head, tok, dev, device, batch_size=args.eval_batch_size)
                 history.append({"step": step, "dev": acc})
                 tqdm.write(f"[{method}] step {step}: EWT dev UPOS accuracy {acc:.2f}")
                 if acc > best:                       # keep a copy of what training changes

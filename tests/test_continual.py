@@ -68,6 +68,7 @@ def test_flatten_and_write_grads_round_trip():
     assert a.grad.tolist() == [[0, 2, 4], [6, 8, 10]] and b.grad.tolist() == [20, 22, 24, 26] and c.grad.tolist() == [0]
     with pytest.raises(ValueError):
         continual.write_grads([a, b], flat)
+    assert a.grad.tolist() == [[0, 2, 4], [6, 8, 10]]             # a size mismatch writes nothing
 
 
 # ----------------------------------------------------------------------------------------------------
