@@ -284,12 +284,11 @@ def encode_task(tok, task, max_len, prefix):
 @torch.no_grad()
 def predict(clf, examples, pad_id, device, rank=0, world=1, batch_size=64):
     """(logits (N, C), z (N, d)) of every example in eval mode (no dropout), float32 on `device`. Batches
-    are length-sorted; rank r runs batches r, r + world, ...; all_reduce_sum joins the pieces (every row is
-    non-zero on exactly one rank, so the sum is exact)."""
+    are length-sorted (evaluate's); rank r runs batches r, r + world, ...; all_reduce_sum joins the pieces
+    (every row is non-zero on exactly one rank, so the sum is exact)."""
     was_training = clf.training
     clf.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = evaluate._length_batches(examples, batch_size)
     width = clf.encoder.config.hidden_size if clf.proj is None else clf.proj.out_features
     logits = torch.zeros(len(examples), clf.head.num_labels, device=device)
     z = torch.zeros(len(examples), width, device=device)
@@ -329,17 +328,19 @@ def train(clf, enc, method, targets, args, device, rank, world, seed, metric, nu
         net = nn.parallel.DistributedDataParallel(clf, device_ids=[device.index] if device.type == "cuda" else None)
     opt = model.configure_optimizer([clf], args.lr, args.weight_decay, device)
     params = [p for g in opt.param_groups for p in g["params"]]
-    steps_per_epoch = sum(len(b) >= world for b in data.bucket_batches(lengths, args.batch_size, seed, 0))
-    total = args.epochs * steps_per_epoch
+    # Every epoch's global batches up front (cheap index lists), so the schedule's length is counted, not
+    # guessed; a batch smaller than the world would leave a rank without rows, so it is skipped.
+    epoch_batches = [[b for b in data.bucket_batches(lengths, args.batch_size, seed, epoch) if len(b) >= world]
+                     for epoch in range(args.epochs)]
+    total = sum(map(len, epoch_batches))
     warmup = int(args.warmup * total)
     frozen = {name for name, p in clf.named_parameters() if not p.requires_grad}
     log = {"dev_curve": [], "loss": []}
     best, best_state, step = -1.0, None, 0
     running, n = torch.zeros((), device=device), 0
     t_logits, t_z = targets if targets is not None else (None, None)
-    for epoch in range(args.epochs):
+    for epoch, global_batches in enumerate(epoch_batches):
         clf.train()
-        global_batches = [b for b in data.bucket_batches(lengths, args.batch_size, seed, epoch) if len(b) >= world]
         bar = tqdm(global_batches, desc=f"{method} epoch {epoch + 1}/{args.epochs}", leave=False,
                    disable=rank != 0)
         for global_idx in bar:
@@ -368,7 +369,7 @@ def train(clf, enc, method, targets, args, device, rank, world, seed, metric, nu
             n += 1
             step += 1
             if n == args.log_every or step == total:
-                mean_loss = model.all_reduce_sum(running.clone()).item() / world / n   # the only host sync
+                mean_loss = model.all_reduce_sum(running).item() / world / n   # the only host sync
                 log["loss"].append([step, round(mean_loss, 5)])
                 if rank == 0:
                     bar.write(f"[{method}] step {step}/{total}  loss {mean_loss:.4f}  lr {lr:.2e}")
@@ -586,9 +587,10 @@ def run(args, rank, world, device):
         print(f"\n{args.task} test {metric} (%), trained on {task['train_lang']} only, {seeds}; "
               f"model selection on English dev:\n")
         print(evaluate.markdown_table(mean, train_lang=task["train_lang"]))
-        if "zero_shot_std" in summary:
+        std = summary.get("zero_shot_std", {})
+        if std and None not in std.values():                 # None: --langs has no language but the training one
             print("\nzero-shot avg, mean +- std over seeds: " + ", ".join(
-                f"{m} {zero_shot_avg(mean[m], task['train_lang']):.1f} +- {summary['zero_shot_std'][m]:.1f}"
+                f"{m} {zero_shot_avg(mean[m], task['train_lang']):.1f} +- {std[m]:.1f}"
                 for m in METHODS))                   # the mean unrounded, as in the table (no double rounding)
         result = {"results": summary["results"], "zero_shot_avg": summary["zero_shot_avg"],
                   "config": vars(args) | {"world_size": world, "device": str(device)}, "seconds": seconds}

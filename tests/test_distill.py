@@ -295,3 +295,17 @@ def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
     assert result["zero_shot_avg"]["teacher"] == result["results"]["teacher"]["de"]
     _, head, _ = model.load_with_head(tmp_path / "out" / "output_distill")
     assert head.num_labels == 2
+
+
+def test_several_seeds_without_a_zero_shot_language(tiny_checkpoint, tmp_path):
+    """--langs only the training language: there is no zero-shot average (None), and the summary over
+    seeds must say so instead of failing to format it."""
+    write_pawsx(tmp_path / "data" / "pawsx")
+    teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
+    student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
+    result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "pawsx",
+                           "--langs", "en", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
+                           "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
+    assert list(result["results"]["baseline"]) == ["en"]
+    assert set(result["zero_shot_avg"].values()) == {None} and set(result["zero_shot_std"].values()) == {None}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["zero_shot_avg"]["teacher"] is None
