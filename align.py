@@ -88,8 +88,6 @@ Outputs (OUT_DIR = --out_dir, default out/align), all in Hugging Face layout (tr
 import argparse
 import copy
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -502,7 +500,7 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out/align", help="results.json and the saved models")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder forward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the Transformer blocks")
     p.add_argument("--langs", default="deu_Latn,hin_Deva,swh_Latn,zho_Hans",
                    help="SIB-200 languages paired with English (train split) for alignment, and the languages "
                    "code-switching translates into (default: deu_Latn,hin_Deva,swh_Latn,zho_Hans; 'all': the "
@@ -587,6 +585,7 @@ def main(argv=None):
     tok = data.load_tokenizer(args.model)
     f_q = model.Encoder.from_pretrained(args.model, mlm_head=args.tlm_weight > 0).to(device)
     c = f_q.config
+    # + 8: data.pad_batch pads T up to a multiple of 8, and BERT-style models number the pads too
     if args.max_len + 8 + c.position_offset > c.max_position_embeddings:
         raise XltError(f"--max_len {args.max_len}: the model has only {c.max_position_embeddings} positions")
     pairs = file_pairs(args.parallel) if args.parallel else sib200_pairs(data_dir, langs)
@@ -643,8 +642,7 @@ def main(argv=None):
         del encoder, head
 
     seconds = time.time() - t0
-    hardware = f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch threads " \
-               f"{torch.get_num_threads()}, device {device}".replace(" ,", ",")
+    hardware = f"{model.hardware(device)}, device {device}"
     table_tatoeba = per_layer_table(before, after)
     table_sib = evaluate.markdown_table(sib, train_lang="eng_Latn", row_name="fine-tuned on English")
     print(f"\nTatoeba xx->en top-1 (mean pooling, {', '.join(f'{k} n={v}' for k, v in sizes.items())}), "

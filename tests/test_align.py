@@ -233,6 +233,22 @@ def test_sib200_pairs_use_train_split_only(data_dir):
     assert all(p["a"] == eng[p["id"]] for p in pairs)
 
 
+def test_sib200_translations_follow_index_id(data_dir):
+    langs = ["deu_Latn", "fra_Latn"]
+    translations = align.sib200_translations(data_dir, langs)
+    for lang_i, lang in enumerate(langs):
+        for r in data.read_sib200(data_dir, lang, "train"):
+            assert translations[r["index_id"]][lang_i] == r["text"]      # one entry per language, in order
+
+
+def test_per_layer_table():
+    table = align.per_layer_table({"deu": [10.0, 20.0], "cmn": [30.0, 40.0]},
+                                  {"deu": [12.0, 50.0], "cmn": [30.0, 60.0]}).splitlines()
+    assert table[0] == "| hidden state | deu | cmn | avg before | avg after | delta |"
+    assert table[2] == "| emb | 10.0 -> 12.0 | 30.0 -> 30.0 | 20.0 | 21.0 | +1.0 |"
+    assert table[3] == "| layer 1 | 20.0 -> 50.0 | 40.0 -> 60.0 | 30.0 | 55.0 | +25.0 |"
+
+
 def test_file_pairs(tmp_path):
     tsv = tmp_path / "p.tsv"
     tsv.write_text("the cat\tle chat\n\t\nthe dog\tle chien\n", encoding="utf-8")
@@ -281,7 +297,7 @@ def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
     assert [r["step"] for r in res["alignment"]["log"]] == [2, 4]
     assert res["finetune"]["unaligned"]["switched"] == [0.0]
     assert 0.3 < res["finetune"]["aligned + code-switch p=0.5"]["switched"][0] < 0.7
-    assert res["config"]["steps"] == 4 and res["seconds"] > 0
+    assert res["config"]["steps"] == 4 and res["seconds"] > 0 and res["hardware"].endswith("device cpu")
     assert (out / "aligned" / "config.json").exists() and (out / "aligned" / "model.safetensors").exists()
     assert Encoder.from_pretrained(out / "aligned").config.hidden_size == 32
     for slug in ("unaligned", "unaligned_cs", "aligned_finetuned", "aligned_cs"):
