@@ -198,8 +198,9 @@ def assemble_corpora(args):
               for r in data.read_sib200(args.data_dir, lang, "test")}
     clean = list(dict.fromkeys((e.strip(), f.strip()) for e, f in bitext if e.strip() and f.strip()))
     kept = [(e, f) for e, f in clean if e not in scored and f not in scored]
-    foreign = [s.strip() for s in mono if s.strip() and s.strip() not in scored]
-    removed = len(clean) - len(kept) + sum(1 for s in mono if s.strip() in scored)
+    mono = [s for s in map(str.strip, mono) if s]
+    foreign = [s for s in mono if s not in scored]
+    removed = len(clean) - len(kept) + len(mono) - len(foreign)
     if removed:
         print(f"[transfer] removed {removed} sentences that are SIB-200 test sentences")
     if args.max_sentences:
@@ -396,17 +397,21 @@ def ramen_init(E_e, b_e, probs, specials, V_f, generator):
 
 class Vocab(nn.Module):
     """A language's own tensors: its word-embedding matrix (which the MLM decoder reuses, tied) and its
-    MLM output bias, with the tokenizer that numbers its rows. Everything else is shared."""
+    MLM output bias. Everything else is shared."""
 
-    def __init__(self, word, bias, tok):
+    def __init__(self, word, bias):
         super().__init__()
         self.word = word                                   # nn.Embedding
         self.bias = bias                                   # nn.Parameter (vocab_size,)
-        self.tok = tok
 
     @classmethod
-    def new(cls, weight, bias, tok):
-        return cls(nn.Embedding.from_pretrained(weight, freeze=False), nn.Parameter(bias.clone()), tok)
+    def new(cls, weight, bias):
+        return cls(nn.Embedding.from_pretrained(weight, freeze=False), nn.Parameter(bias.clone()))
+
+    @classmethod
+    def of(cls, enc):
+        """The vocabulary swapped into `enc` now (its own tensors, not copies)."""
+        return cls(enc.embed.word, enc.mlm.bias)
 
 
 def use_vocab(enc, vocab):
@@ -435,13 +440,14 @@ def mlm_batches(examples, tok, batch_size, seed):
     if all(len(e["input_ids"]) <= 2 for e in examples):
         raise XltError("MLM text has no tokens besides [CLS]/[SEP]")
     sp = data.special_ids(tok)
+    specials, vocab_size = list(sp.values()), tok.get_vocab_size()
     generator = torch.Generator().manual_seed(seed)
     lengths = [len(e["input_ids"]) for e in examples]
     for epoch in itertools.count():
         for idx in data.bucket_batches(lengths, batch_size, seed, epoch):
             b = data.pad_batch([examples[i] for i in idx], sp["pad"])
-            ids, labels = data.mask_tokens(b["input_ids"], b["attention_mask"], list(sp.values()), sp["mask"],
-                                           tok.get_vocab_size(), generator)
+            ids, labels = data.mask_tokens(b["input_ids"], b["attention_mask"], specials, sp["mask"], vocab_size,
+                                           generator)
             labels = labels.view(-1)
             where = (labels != -100).nonzero().squeeze(1)
             if len(where):
@@ -582,19 +588,19 @@ def maybe_compile(enc, args):
 # 7. The whole run
 # ----------------------------------------------------------------------------------------------------
 
-def transfer(base, vocab_e_of, foreign_tok, probs, specials, mono_f, mono_e, args, device, init):
+def transfer(base, eng_tok, foreign_tok, probs, specials, mono_f, mono_e, args, device, init):
     """Initialise E_f (init 'ramen' or 'random'), Stage A, Stage B on a copy of `base`.
     Returns (encoder with the foreign vocabulary swapped in, English Vocab, foreign Vocab, losses)."""
     enc = copy.deepcopy(base)
     maybe_compile(enc, args)
-    vocab_e = vocab_e_of(enc)
+    vocab_e = Vocab.of(enc)
     model.set_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     E_f, b_f = ramen_init(vocab_e.word.weight, vocab_e.bias, probs if init == "ramen" else None, specials,
                           foreign_tok.get_vocab_size(), g)
-    vocab_f = Vocab.new(E_f, b_f, foreign_tok).to(device)
+    vocab_f = Vocab.new(E_f, b_f).to(device)
     batches_f = mlm_batches(mono_f, foreign_tok, args.batch_size, args.seed)
-    batches_e = mlm_batches(mono_e, vocab_e.tok, args.batch_size, args.seed + 1)
+    batches_e = mlm_batches(mono_e, eng_tok, args.batch_size, args.seed + 1)
     losses = {"stage_a": stage_a(enc, vocab_e, vocab_f, batches_f, args, device, f"{init} stage A"),
               "stage_b": stage_b(enc, vocab_e, vocab_f, batches_e, batches_f, args, device, f"{init} stage B")}
     use_vocab(enc, vocab_f)
@@ -712,17 +718,14 @@ def main(argv=None):
     mono_f = data.encode(foreign_tok, mono_text, args.max_len)
     mono_e = data.encode(eng_tok, eng_text, args.max_len)
 
-    def vocab_e_of(enc):
-        return Vocab(enc.embed.word, enc.mlm.bias, eng_tok)
-
     # Stage 0: fit the missing MLM head to the frozen English encoder (our addition, see docstring)
     losses = {}
     if not had_head and args.head_steps:
         t = time.time()
-        vocab_e = vocab_e_of(base)
-        set_trainable([base], list(base.mlm.dense.parameters()) + list(base.mlm.norm.parameters()) + [base.mlm.bias])
-        losses["stage_0"] = train_mlm(base, [(vocab_e, mlm_batches(mono_e, eng_tok, args.batch_size, args.seed))],
-                                      args.head_steps, args.head_lr, args, device, "stage 0 (MLM head)")
+        set_trainable([base], base.mlm.parameters())                  # dense, LayerNorm and output bias
+        batches_e = mlm_batches(mono_e, eng_tok, args.batch_size, args.seed)
+        losses["stage_0"] = train_mlm(base, [(Vocab.of(base), batches_e)], args.head_steps, args.head_lr, args,
+                                      device, "stage 0 (MLM head)")
         timings["stage_0"] = round(time.time() - t, 1)
 
     # 4-5. two transfers from the same starting point: RAMEN initialisation and random initialisation
@@ -733,8 +736,8 @@ def main(argv=None):
                               "stage_a_steps": args.stage_a_steps, "stage_b_steps": args.stage_b_steps}}
     for init in ("ramen", "random"):
         t = time.time()
-        enc, vocab_e, vocab_f, run_losses = transfer(base, vocab_e_of, foreign_tok, probs, specials, mono_f,
-                                                     mono_e, args, device, init)
+        enc, vocab_e, vocab_f, run_losses = transfer(base, eng_tok, foreign_tok, probs, specials, mono_f, mono_e,
+                                                     args, device, init)
         losses[init] = run_losses
         if init == "ramen":
             model.save_pretrained(enc, out_dir / lang, tokenizer=foreign_tok, extra=extra)

@@ -168,11 +168,11 @@ def tiny_setup(tiny_checkpoint, seed=0):
     path = tiny_checkpoint()
     enc = model.Encoder.from_pretrained(path, mlm_head=True, verbose=False)
     tok = data.load_tokenizer(path)
-    vocab_e = transfer.Vocab(enc.embed.word, enc.mlm.bias, tok)
+    vocab_e = transfer.Vocab.of(enc)
     texts = ["the cat is on the mat .", "he was not in the city .", "der hund ist nicht da ."] * 10
     E_f, b_f = transfer.ramen_init(enc.embed.word.weight, enc.mlm.bias, None, transfer.special_pairs(tok, tok),
                                    tok.get_vocab_size() + 7, torch.Generator().manual_seed(seed))
-    vocab_f = transfer.Vocab.new(E_f, b_f, tok)
+    vocab_f = transfer.Vocab.new(E_f, b_f)
     examples = data.encode(tok, texts, 32)
     return enc, tok, vocab_e, vocab_f, examples
 
@@ -262,6 +262,12 @@ def test_corpora_never_contain_scored_test_sentences(data_dir, tmp_path):
     bitext, foreign, english, _ = transfer.assemble_corpora(args)
     assert bitext == [("Hello there.", "Hallo."), ("Thanks.", "Danke.")]
     assert test_de not in foreign and test_en not in english
+    # --mono text: stripped, blank lines dropped, scored sentences removed; the bitext's foreign side first
+    mono = tmp_path / "mono.txt"
+    mono.write_text(f"  Guten Tag.  \n\n{test_de}\nDanke.\n")
+    args.mono = str(mono)
+    assert transfer.assemble_corpora(args)[1] == ["Hallo.", "Danke.", "Guten Tag."]
+    args.mono = None
     # the built-in corpora for German: SIB-200 train+dev, Tatoeba and PUD
     args.parallel = None
     bitext, foreign, english, sources = transfer.assemble_corpora(args)
