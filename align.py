@@ -556,14 +556,6 @@ def check_args(args):
         raise XltError(f"--parallel takes one TSV file or two line-aligned files, got {len(args.parallel)}")
 
 
-def resolve_langs(arg, task, data_dir, flag):
-    """evaluate.resolve_langs (comma-separated codes, or 'all'), with errors that name our flag."""
-    try:
-        return evaluate.resolve_langs(arg, task, data_dir)
-    except XltError as e:
-        raise XltError(str(e).replace("--langs", f"--{flag}")) from None
-
-
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -572,13 +564,13 @@ def main(argv=None):
     device = model.pick_device(args.device)
     data_dir = data.resolve_data_dir(args.data_dir)
     out_dir = Path(args.out_dir)
-    langs = resolve_langs(args.langs, "sib200", data_dir, "langs")
+    langs = evaluate.resolve_langs(args.langs, "sib200", data_dir)
     if "eng_Latn" in langs:                # English is the side every language is paired with
         if args.langs != "all":
             raise XltError("--langs must not contain eng_Latn: every language is paired with English")
         langs.remove("eng_Latn")
-    eval_langs = resolve_langs(args.eval_langs, "sib200", data_dir, "eval_langs")
-    tatoeba_langs = resolve_langs(args.tatoeba_langs, "tatoeba", data_dir, "tatoeba_langs")
+    eval_langs = evaluate.resolve_langs(args.eval_langs, "sib200", data_dir, flag="eval_langs")
+    tatoeba_langs = evaluate.resolve_langs(args.tatoeba_langs, "tatoeba", data_dir, flag="tatoeba_langs")
     prefix = evaluate.resolve_prefix(args.prefix, args.model)
     model.set_seed(args.seed)
 

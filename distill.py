@@ -288,7 +288,7 @@ def predict(clf, examples, pad_id, device, rank=0, world=1, batch_size=64):
     (every row is non-zero on exactly one rank, so the sum is exact)."""
     was_training = clf.training
     clf.eval()
-    batches = evaluate._length_batches(examples, batch_size)
+    batches = evaluate.length_batches(examples, batch_size)
     width = clf.encoder.config.hidden_size if clf.proj is None else clf.proj.out_features
     logits = torch.zeros(len(examples), clf.head.num_labels, device=device)
     z = torch.zeros(len(examples), width, device=device)

@@ -120,7 +120,7 @@ def macro_f1(preds, labels, num_labels):
 # 3. Zero-shot classification
 # ----------------------------------------------------------------------------------------------------
 
-def _length_batches(examples, batch_size):
+def length_batches(examples, batch_size):
     """Index batches in order of length: similar lengths share a batch, so padding (wasted compute) is
     small. Evaluation needs no randomness, so a plain sort is enough (no bucketing as in training)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
@@ -151,7 +151,7 @@ def _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
     """(indices into examples, the head's argmax for each as a list) per length-sorted batch."""
     device = torch.device(device)
     with _evaluating(encoder, head):
-        for idx in _length_batches(examples, batch_size):
+        for idx in length_batches(examples, batch_size):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -292,7 +292,7 @@ def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=Fa
     n_states = encoder.config.num_hidden_layers + 1 if all_layers else 1
     out = torch.zeros(n_states, len(examples), encoder.config.hidden_size)
     with _evaluating(encoder):
-        for idx in _length_batches(examples, batch_size):
+        for idx in length_batches(examples, batch_size):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 hs = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
@@ -421,8 +421,9 @@ def available_langs(task, data_dir, split="test"):
     return sorted(read_xnli(xnli_file(data_dir, split)))
 
 
-def resolve_langs(arg, task, data_dir, split="test"):
-    """--langs: a comma-separated list, 'all', or None for the task's default."""
+def resolve_langs(arg, task, data_dir, split="test", flag="langs"):
+    """--langs (or the option named `flag`, for the errors): a comma-separated list, 'all', or None for
+    the task's default."""
     if arg is None:
         if task == "sib200":
             return list(DEFAULT_SIB200_LANGS)
@@ -433,14 +434,14 @@ def resolve_langs(arg, task, data_dir, split="test"):
         return available_langs(task, data_dir, split)
     langs = [lang.strip() for lang in arg.split(",") if lang.strip()]
     if not langs:
-        raise XltError("--langs is empty")
+        raise XltError(f"--{flag} is empty")
     if task in ("sib200", "tatoeba", "nusax"):   # pos and xnli check their languages themselves
         have = set(available_langs(task, data_dir, split))
         bad = [lang for lang in langs if lang not in have]
         if bad:
             example = {"sib200": "FLORES-200 codes like eng_Latn, zho_Hans", "tatoeba": "ISO 639-3 codes like "
                        "deu, cmn, swh", "nusax": "names like javanese, english"}[task]
-            raise XltError(f"--langs: {task} has no language {', '.join(bad)} ({example}; --langs all uses "
+            raise XltError(f"--{flag}: {task} has no language {', '.join(bad)} ({example}; --{flag} all uses "
                            f"all {len(have)})")
     return langs
 

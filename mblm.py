@@ -328,7 +328,7 @@ def frozen_states(encoder, examples, n_blocks, pad_id, device, batch_size=64, de
         return
     device = torch.device(device)
     encoder.eval()
-    for idx in tqdm(evaluate._length_batches(examples, batch_size), desc=desc, leave=False):
+    for idx in tqdm(evaluate.length_batches(examples, batch_size), desc=desc, leave=False):
         batch = collate([examples[i] for i in idx], pad_id, device)
         with model.autocast(device):
             h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], layers=n_blocks)
@@ -343,7 +343,7 @@ def predict(m, examples, lang, pad_id, device, batch_size=64):
     device, was = torch.device(device), m.training
     m.eval()
     out = torch.zeros(len(examples), m.head.num_labels)
-    for idx in evaluate._length_batches(examples, batch_size):
+    for idx in evaluate.length_batches(examples, batch_size):
         batch = collate([examples[i] for i in idx], pad_id, device)
         with model.autocast(device):
             out[idx] = m(batch, lang).float().cpu()
