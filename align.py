@@ -295,7 +295,7 @@ def align(f_q, tok, pairs, args, device, prefix=""):
     f_k = key_encoder(f_q)
     generator = torch.Generator().manual_seed(args.seed)          # masks, coins, the initial queue
     queue = KeyQueue(args.queue_size, c.hidden_size, device, generator)
-    optimizer = model.configure_optimizer([f_q], args.lr, args.weight_decay, device)
+    optimizer = model.configure_optimizer([f_q], args.lr, args.weight_decay)
     params = [p for p in f_q.parameters() if p.requires_grad]
     if args.compile:                        # after the copy to f_k: compile the query encoder's blocks in place
         for block in f_q.layers:
@@ -396,7 +396,7 @@ def finetune_sib200(encoder, tok, train_rows, dev_rows, alternatives, cs_prob, a
     special = data.special_ids(tok)
     encoder.embed.word.weight.requires_grad_(args.train_embeddings)
     head = model.ClassificationHead(encoder.config.hidden_size, len(data.SIB200_LABELS), args.pooling).to(device)
-    optimizer = model.configure_optimizer([encoder, head], args.ft_lr, args.weight_decay, device)
+    optimizer = model.configure_optimizer([encoder, head], args.ft_lr, args.weight_decay)
     params = [p for m in (encoder, head) for p in m.parameters() if p.requires_grad]
     n_batches = math.ceil(len(train_rows) / args.ft_batch_size)
     total, warmup = args.epochs * n_batches, int(args.warmup * args.epochs * n_batches)

@@ -196,7 +196,7 @@ class Runner:
     def __init__(self, name, module, forward, device, dtype, compile_):
         self.name, self.module, self.device, self.dtype = name, module, device, dtype
         self.forward = torch.compile(forward) if compile_ else forward
-        self.opt = M.configure_optimizer([module], lr=1e-5, weight_decay=0.01, device=device)
+        self.opt = M.configure_optimizer([module], lr=1e-5, weight_decay=0.01)
         self.times = {"train": [], "infer": []}       # wall clock, seconds
         self.cpu = {"train": [], "infer": []}         # this process's CPU time (all threads), seconds
         self.phases = {"forward": [], "backward": [], "optimizer": []}
@@ -426,9 +426,9 @@ def optimizer_breakdown(run, batch, args, device):
     was_trainable = word.requires_grad
     run.opt = None                                         # free the timed optimizer's state first
     word.requires_grad_(False)
-    frozen = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01, device=device)
+    frozen = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01)
     word.requires_grad_(True)
-    trainable = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01, device=device)
+    trainable = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01)
     enc.zero_grad(set_to_none=True)
     with amp(device, args.dtype):
         loss = run.forward(batch["input_ids"], batch["attention_mask"]).float().pow(2).mean()

@@ -279,7 +279,7 @@ def fit_mlm_head(enc, memory, steps, lr, device, cache, batch_tokens=64, log_eve
           f"{batch_tokens} masked tokens from {len(targets)} (memory: {len(memory.examples)} sentences), "
           f"softmax over {len(memory.vocab)} ids")
     enc.mlm.requires_grad_(True)
-    opt = model.configure_optimizer([enc.mlm], lr, 0.0, device)
+    opt = model.configure_optimizer([enc.mlm], lr, 0.0)
     vocab = memory.vocab.to(device)
     tail = max(1, steps // 10)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -361,7 +361,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device):
     set_trainable(enc, method, args.freeze_layers, args.train_embeddings)
     names, shared = shared_parameters(enc)
     trainable = [p for m in (enc, head) for p in m.parameters() if p.requires_grad]
-    opt = model.configure_optimizer([enc, head], args.lr, args.weight_decay, device)
+    opt = model.configure_optimizer([enc, head], args.lr, args.weight_decay)
     forward = torch.compile(enc) if args.compile else enc
     vocab = memory.vocab.to(device)
     pad = data.special_ids(tok)["pad"]

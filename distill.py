@@ -326,7 +326,7 @@ def train(clf, enc, method, targets, args, device, rank, world, seed, metric, nu
     net = clf
     if world > 1:
         net = nn.parallel.DistributedDataParallel(clf, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = model.configure_optimizer([clf], args.lr, args.weight_decay, device)
+    opt = model.configure_optimizer([clf], args.lr, args.weight_decay)
     params = [p for g in opt.param_groups for p in g["params"]]
     # Every epoch's global batches up front (cheap index lists), so the schedule's length is counted, not
     # guessed; a batch smaller than the world would leave a rank without rows, so it is skipped.

@@ -379,8 +379,8 @@ def train(m, train_sets, dev_sets, args, device, pad_id, alpha=0.0, zs_weight=0.
         m.compile_blocks()
     # The head learns at --head_lr, the transformer blocks at --lr (see the docstring: e5's sentence
     # vectors are nearly parallel, and a fresh head at the blocks' rate needs many epochs to split them).
-    opt = model.configure_optimizer([m.encoder, m.branches], args.lr, args.weight_decay, device)
-    for group in model.configure_optimizer([m.head], args.head_lr, args.weight_decay, device).param_groups:
+    opt = model.configure_optimizer([m.encoder, m.branches], args.lr, args.weight_decay)
+    for group in model.configure_optimizer([m.head], args.head_lr, args.weight_decay).param_groups:
         opt.add_param_group(group)
     for group in opt.param_groups:
         group["peak_lr"] = group["lr"]

@@ -714,7 +714,7 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-def configure_optimizer(modules, lr, weight_decay, device):
+def configure_optimizer(modules, lr, weight_decay):
     """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm weights (every
     1-D parameter) are not decayed, as in BERT. The fused (single-kernel) implementation, on CPU and CUDA."""
     seen, decay, no_decay = set(), [], []

@@ -475,7 +475,7 @@ def train_mlm(enc, streams, steps, lr, args, device, desc):
     every stream through the shared encoder with that stream's vocabulary swapped in and sums the
     losses (Stage B: English + foreign), then takes one AdamW step on whatever requires grad.
     Returns the mean loss of every logging window."""
-    opt = model.configure_optimizer([enc] + [v for v, _ in streams], lr, args.weight_decay, device)
+    opt = model.configure_optimizer([enc] + [v for v, _ in streams], lr, args.weight_decay)
     params = [p for g in opt.param_groups for p in g["params"]]
     warmup = int(args.warmup * steps)
     enc.train()
@@ -524,7 +524,7 @@ def finetune_english(enc, tok, train_rows, dev_rows, args, device, prefix="", de
     lengths = [len(e["input_ids"]) for e in examples]
     pad = data.special_ids(tok)["pad"]
     total = args.epochs * math.ceil(len(examples) / args.batch_size)
-    opt = model.configure_optimizer([enc, head], args.lr, args.weight_decay, device)
+    opt = model.configure_optimizer([enc, head], args.lr, args.weight_decay)
     params = [p for g in opt.param_groups for p in g["params"]]
     best, best_state, curve, step = -1.0, None, [], 0
     running, n = torch.zeros((), device=device), 0
