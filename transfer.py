@@ -423,12 +423,6 @@ def use_vocab(enc, vocab):
     enc.config = dataclasses.replace(enc.config, vocab_size=vocab.word.num_embeddings)
 
 
-def has_mlm_head(name):
-    """Whether a checkpoint ships an MLM head (all-MiniLM-L6-v2 and e5 do not)."""
-    _, sd, _ = model.read_checkpoint(model.resolve_checkpoint(name), verbose=False)
-    return any(k.startswith("mlm.") for k in model.hf_to_xlt(sd)[0])
-
-
 # ----------------------------------------------------------------------------------------------------
 # 5. Masked language modelling: batches, loss, and the loop that Stages 0, A and B share
 # ----------------------------------------------------------------------------------------------------
@@ -687,7 +681,7 @@ def main(argv=None):
     # 2. English model and the foreign vocabulary
     eng_tok = data.load_tokenizer(args.model)
     base = model.Encoder.from_pretrained(args.model, mlm_head=True).to(device)
-    had_head = has_mlm_head(args.model)
+    had_head = base.checkpoint_has_mlm_head
     foreign_tok = train_foreign_tokenizer(mono_text, args.vocab_size, eng_tok)
     specials = special_pairs(eng_tok, foreign_tok)
     print(f"[transfer] foreign WordPiece vocabulary: {foreign_tok.get_vocab_size()} tokens "

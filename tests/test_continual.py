@@ -206,8 +206,8 @@ def test_memory_batches(tiny_checkpoint):
 
 def test_fit_mlm_head_learns_caches_and_leaves_the_encoder_alone(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint(mlm_head=False)
-    assert not continual._checkpoint_has_mlm(path)
-    assert continual._checkpoint_has_mlm(tiny_checkpoint("with_head", mlm_head=True))
+    assert not model.Encoder.from_pretrained(path, mlm_head=True).checkpoint_has_mlm_head
+    assert model.Encoder.from_pretrained(tiny_checkpoint("with_head", mlm_head=True)).checkpoint_has_mlm_head
     tok = data.load_tokenizer(path)
     enc = model.Encoder.from_pretrained(path, mlm_head=True)
     before = {k: v.clone() for k, v in enc.state_dict().items() if not k.startswith("mlm.")}
