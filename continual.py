@@ -216,18 +216,10 @@ class Memory:
                 "positions": positions, "targets": targets}
 
 
-def mlm_logits(enc, h, vocab):
-    """BERT's MLM head on the masked positions only, with the softmax restricted to `vocab`: the decoder
-    is the (tied) word-embedding matrix, so restricting means taking its rows."""
-    m = enc.mlm
-    z = m.norm(F.gelu(m.dense(h)))
-    return F.linear(z, enc.embed.word.weight[vocab], m.bias[vocab])
-
-
 def mlm_loss(enc, batch, vocab, forward=None):
     """(cross-entropy, number of correct predictions) of the memory batch's masked tokens."""
     h = (forward or enc)(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    logits = mlm_logits(enc, h.flatten(0, 1)[batch["positions"]], vocab).float()
+    logits = enc.mlm_logits(h.flatten(0, 1)[batch["positions"]], vocab).float()   # softmax over `vocab` only
     return F.cross_entropy(logits, batch["targets"]), (logits.argmax(-1) == batch["targets"]).sum()
 
 
@@ -290,7 +282,7 @@ def fit_mlm_head(enc, memory, steps, lr, device, cache, batch_tokens=64, log_eve
             group["lr"] = lr * model.lr_schedule(step, steps, max(1, steps // 10))
         idx = draws[step]
         with model.autocast(device):
-            logits = mlm_logits(enc, states[idx], vocab).float()
+            logits = enc.mlm_logits(states[idx], vocab).float()
         loss = F.cross_entropy(logits, targets[idx])
         loss.backward()
         opt.step()

@@ -143,8 +143,11 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(c.vocab_size))
 
-    def forward(self, h, word_embeddings):
-        return F.linear(self.norm(F.gelu(self.dense(h))), word_embeddings, self.bias)
+    def forward(self, h, word_embeddings, vocab=None):
+        """Logits over every id, or over the ids in `vocab` only (the decoder's rows and bias entries of
+        those ids: a cheap softmax over a subset, exact for targets inside it)."""
+        weight, bias = (word_embeddings, self.bias) if vocab is None else (word_embeddings[vocab], self.bias[vocab])
+        return F.linear(self.norm(F.gelu(self.dense(h))), weight, bias)
 
 
 class Encoder(nn.Module):
@@ -183,10 +186,10 @@ class Encoder(nn.Module):
                 hidden.append(x)
         return hidden if output_hidden_states else x
 
-    def mlm_logits(self, h):
+    def mlm_logits(self, h, vocab=None):
         if self.mlm is None:
             raise XltError("this encoder has no MLM head: load it with Encoder.from_pretrained(name, mlm_head=True)")
-        return self.mlm(h, self.embed.word.weight)
+        return self.mlm(h, self.embed.word.weight, vocab)
 
     @classmethod
     def from_pretrained(cls, name_or_dir, mlm_head=False, verbose=True):
