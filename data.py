@@ -634,6 +634,20 @@ def encode(tok, texts, max_len, pairs=None):
     return [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings]
 
 
+def encode_rows(tok, rows, max_len, prefix=""):
+    """encode() of a classification task's rows, each example keeping its row's 'label': a row is
+    {'text', 'label'} or a sentence pair {'text_a', 'text_b', 'label'}; `prefix` goes before the (first)
+    text (e5's "query: ")."""
+    rows = list(rows)
+    if rows and "text_a" in rows[0]:
+        examples = encode(tok, [prefix + r["text_a"] for r in rows], max_len, pairs=[r["text_b"] for r in rows])
+    else:
+        examples = encode(tok, [prefix + r["text"] for r in rows], max_len)
+    for ex, r in zip(examples, rows):
+        ex["label"] = r["label"]
+    return examples
+
+
 def encode_tagged(tok, sentences_words, sentences_tags, max_len):
     """[{'input_ids', 'token_type_ids', 'labels'}] for token classification on pre-split words.
 

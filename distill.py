@@ -260,13 +260,10 @@ def load_task(args):
 
 
 def encode_rows(tok, rows, max_len, prefix):
-    """data.encode of a task's rows (single texts or pairs), each example keeping its label."""
-    if "text_a" in rows[0]:
-        examples = data.encode(tok, [prefix + r["text_a"] for r in rows], max_len, pairs=[r["text_b"] for r in rows])
-    else:
-        examples = data.encode(tok, [prefix + r["text"] for r in rows], max_len)
-    for i, (ex, r) in enumerate(zip(examples, rows)):
-        ex["label"], ex["index"] = r["label"], i      # index: the row of the teacher's targets
+    """data.encode_rows (single texts or pairs, each example keeping its label), plus each example's row."""
+    examples = data.encode_rows(tok, rows, max_len, prefix)
+    for i, ex in enumerate(examples):
+        ex["index"] = i                                # the row of the teacher's targets
     return examples
 
 

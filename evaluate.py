@@ -176,13 +176,9 @@ def classification_scores(encoder, head, tok, sets, device, max_len=128, batch_s
     for name, rows in tqdm(sets.items(), desc=desc, leave=False):
         if not rows:
             raise data.DataError(f"{desc}: {name} has no examples")
-        if "text_a" in rows[0]:
-            examples = data.encode(tok, [prefix + r["text_a"] for r in rows], max_len,
-                                   pairs=[r["text_b"] for r in rows])
-        else:
-            examples = data.encode(tok, [prefix + r["text"] for r in rows], max_len)
+        examples = data.encode_rows(tok, rows, max_len, prefix)
         preds = predict_classes(encoder, head, examples, pad_id, device, batch_size)
-        labels = [r["label"] for r in rows]
+        labels = [ex["label"] for ex in examples]
         scores[name] = (macro_f1(preds, labels, head.num_labels) if metric == "macro_f1"
                         else accuracy(preds, labels))
     return scores

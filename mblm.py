@@ -303,9 +303,7 @@ def mblm_loss(m, batch, lang, alpha, temperature, zs_weight, mixture="uniform"):
 
 def sib200_examples(tok, data_dir, lang, split, max_len, prefix="", limit=None):
     """data.encode'd SIB-200 rows with their 'label' (the first `limit` rows, if given)."""
-    rows = data.read_sib200(data_dir, lang, split)[:limit]
-    return [dict(e, label=r["label"]) for e, r in
-            zip(data.encode(tok, [prefix + r["text"] for r in rows], max_len), rows)]
+    return data.encode_rows(tok, data.read_sib200(data_dir, lang, split)[:limit], max_len, prefix)
 
 
 def collate(examples, pad_id, device):

@@ -512,9 +512,7 @@ def finetune_english(enc, tok, train_rows, dev_rows, args, device, prefix="", de
     enc.embed.word.weight.requires_grad_(False)
     if enc.mlm is not None:
         enc.mlm.requires_grad_(False)                       # not used by the classifier
-    examples = data.encode(tok, [prefix + r["text"] for r in train_rows], args.max_len)
-    for ex, r in zip(examples, train_rows):
-        ex["label"] = r["label"]
+    examples = data.encode_rows(tok, train_rows, args.max_len, prefix)
     lengths = [len(e["input_ids"]) for e in examples]
     pad = data.special_ids(tok)["pad"]
     total = args.epochs * math.ceil(len(examples) / args.batch_size)

@@ -356,6 +356,18 @@ def test_encode_pairs_and_content_ids(wordpiece):
     assert data.content_ids(wordpiece, ["the cat sat", "unbelievables"], max_len=3) == [[5, 6, 7], [9, 10, 11]]
 
 
+def test_encode_rows_single_and_pairs_keep_labels(wordpiece):
+    single = data.encode_rows(wordpiece, [{"text": "cat sat", "label": 4}, {"text": "mat", "label": 0}], 16,
+                              prefix="the ")
+    assert [[wordpiece.id_to_token(i) for i in ex["input_ids"]] for ex in single] == [
+        ["[CLS]", "the", "cat", "sat", "[SEP]"], ["[CLS]", "the", "mat", "[SEP]"]]
+    assert [ex["label"] for ex in single] == [4, 0]
+    (pair,) = data.encode_rows(wordpiece, [{"text_a": "cat", "text_b": "mat", "label": 2}], 16)
+    assert [wordpiece.id_to_token(i) for i in pair["input_ids"]] == ["[CLS]", "cat", "[SEP]", "mat", "[SEP]"]
+    assert pair["token_type_ids"] == [0, 0, 0, 1, 1] and pair["label"] == 2
+    assert data.encode_rows(wordpiece, [], 16) == []
+
+
 # ----------------------------------------------------------------------------------------------------
 # batching
 # ----------------------------------------------------------------------------------------------------
