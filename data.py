@@ -493,29 +493,52 @@ def read_nusax(data_dir, lang, split):
     return out
 
 
+# NusaX's machine-translation set: the same sentences in its 12 languages, one column each (the first, unnamed,
+# is a row id).
+NUSAX_MT_COLUMNS = ("", "indonesian", "acehnese", "banjarese", "english", "madurese", "ngaju", "sundanese",
+                    "balinese", "buginese", "javanese", "minangkabau", "toba_batak")
+
+
+def read_nusax_mt(data_dir, lang, split):
+    """[(english, lang)] sentence pairs of NusaX's parallel mt/{split}.csv (train, valid, test)."""
+    d = _dataset_dir(data_dir, "nusax")
+    split = "valid" if split == "dev" else split
+    _check_split(split, ("train", "valid", "test"), "NusaX mt")
+    if lang not in NUSAX_MT_COLUMNS[1:]:
+        raise DataError(f"NusaX mt has no language {lang!r} (it has {', '.join(NUSAX_MT_COLUMNS[1:])})")
+    path = _need(d / "mt" / f"{split}.csv", d)
+    en, fx = NUSAX_MT_COLUMNS.index("english"), NUSAX_MT_COLUMNS.index(lang)
+    return [(row[en], row[fx]) for _, row in _csv_rows(path, NUSAX_MT_COLUMNS, ",")]
+
+
 # Universal Dependencies: the 17 universal POS tags of UD v2, in the order of the UD documentation.
 UPOS_TAGS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", "PART", "PRON", "PROPN",
              "PUNCT", "SCONJ", "SYM", "VERB", "X"]
 
 
 def read_conllu(path):
-    """[{'words', 'upos'}] of a CoNLL-U file: the syntactic words of each sentence and their UPOS tags.
+    """[{'words', 'upos', 'sent_id', 'text'}] of a CoNLL-U file: the syntactic words of each sentence, their
+    UPOS tags, and its '# sent_id = ' and '# text = ' comments (None where absent; PUD's sent_ids join
+    the same sentence across languages).
 
     Multiword-token lines (id '3-4', e.g. French 'du' = 'de le') are skipped because their parts follow
     as words of their own; empty nodes (id '5.1') are skipped because they are not in the text."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
-    sentences, words, upos = [], [], []
+    sentences, words, upos, meta = [], [], [], {"sent_id": None, "text": None}
     with open(path, encoding="utf-8", newline="") as f:
         for n, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():                      # a blank line ends the sentence
                 if words:
-                    sentences.append({"words": words, "upos": upos})
-                words, upos = [], []
+                    sentences.append({"words": words, "upos": upos, **meta})
+                words, upos, meta = [], [], {"sent_id": None, "text": None}
                 continue
             if line.startswith("#"):
+                key, eq, value = line[1:].partition("=")
+                if eq and key.strip() in meta:
+                    meta[key.strip()] = value.strip()
                 continue
             cols = line.split("\t")
             if len(cols) != 10:
@@ -527,7 +550,7 @@ def read_conllu(path):
             words.append(cols[1])
             upos.append(cols[3])
     if words:                                         # a file that does not end in a blank line
-        sentences.append({"words": words, "upos": upos})
+        sentences.append({"words": words, "upos": upos, **meta})
     return sentences
 
 

@@ -88,7 +88,6 @@ Run:
 """
 import argparse
 import copy
-import csv
 import dataclasses
 import itertools
 import math
@@ -124,28 +123,6 @@ NUSAX_NAME = {"ind_Latn": "indonesian", "ace_Latn": "acehnese", "bjn_Latn": "ban
               "min_Latn": "minangkabau", "sun_Latn": "sundanese", "bbc_Latn": "toba_batak"}
 
 
-def read_ud_text(path):
-    """{sent_id: text} from the '# sent_id = ' and '# text = ' comments of a CoNLL-U file."""
-    out, sent_id = {}, None
-    for line in Path(path).read_text(encoding="utf-8").split("\n"):
-        if line.startswith("# sent_id = "):
-            sent_id = line[len("# sent_id = "):].strip()
-        elif line.startswith("# text = ") and sent_id is not None:
-            out[sent_id] = line[len("# text = "):].strip()
-    return out
-
-
-def read_nusax_mt(data_dir, column):
-    """[(english, column)] from NusaX's 12-way parallel mt/{train,valid,test}.csv."""
-    pairs = []
-    for split in ("train", "valid", "test"):
-        path = data.resolve_data_dir(data_dir) / "nusax" / "mt" / f"{split}.csv"
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-        pairs += [(r["english"], r[column]) for r in rows]
-    return pairs
-
-
 def builtin_corpora(data_dir, lang):
     """(bitext [(english, foreign)], extra foreign sentences, {source: size}) from the shared data.
 
@@ -167,14 +144,14 @@ def builtin_corpora(data_dir, lang):
     iso = PUD_CODE.get(lang[:3])
     pud = data.ud_pud_files(data_dir) if (root / "ud").is_dir() else {}
     if iso in pud and "en" in pud:
-        en, fx = read_ud_text(pud["en"]), read_ud_text(pud[iso])
+        en, fx = ({s["sent_id"]: s["text"] for s in data.read_conllu(pud[code]) if s["text"]} for code in ("en", iso))
         both = [(en[k], fx[k]) for k in en if k in fx]
         pairs += both
         sources[f"UD PUD en-{iso} (sent_id)"] = len(both)
     else:
         print(f"[transfer] no UD PUD treebank for {lang}: not used")
     if lang in NUSAX_NAME and (root / "nusax").is_dir():
-        mt = read_nusax_mt(data_dir, NUSAX_NAME[lang])
+        mt = [p for split in ("train", "valid", "test") for p in data.read_nusax_mt(data_dir, NUSAX_NAME[lang], split)]
         pairs += mt
         sources["NusaX mt"] = len(mt)
         for split in ("train", "valid", "test"):

@@ -233,6 +233,19 @@ def test_nusax_unknown_label(tmp_path):
         data.read_nusax(tmp_path, "xx", "test")
 
 
+def test_nusax_mt(data_dir, tmp_path):
+    need(data_dir, "nusax")
+    pairs = data.read_nusax_mt(data_dir, "javanese", "train")
+    english = [r["text"] for r in data.read_nusax(data_dir, "english", "train")]
+    assert len(pairs) == 500 and pairs[0][0] == english[0]             # the mt set is the sentiment set, translated
+    assert pairs[0][1] == data.read_nusax(data_dir, "javanese", "train")[0]["text"]
+    with pytest.raises(DataError, match="no language 'klingon'"):
+        data.read_nusax_mt(data_dir, "klingon", "train")
+    bad = write(tmp_path / "nusax" / "mt" / "test.csv", "id,english\n1,hello\n")
+    with pytest.raises(DataError, match=f"{bad} line 1: expected the header"):
+        data.read_nusax_mt(tmp_path, "javanese", "test")
+
+
 def test_read_pair_tsv(tmp_path):
     xnli = write(tmp_path / "xnli.tsv", 'premise\thypo\tlabel\nA "quoted" man.\tA man.\tentailment\n'
                                         "A dog.\tA cat.\tcontradictory\nX.\tY.\tneutral\n")
@@ -290,8 +303,9 @@ CONLLU = """# sent_id = 1
 def test_conllu_multiword_tokens_and_empty_nodes(tmp_path):
     sents = data.read_conllu(write(tmp_path / "x.conllu", CONLLU))
     assert sents == [{"words": ["Je", "vais", "à", "le", "marché", "."],
-                      "upos": ["PRON", "VERB", "ADP", "DET", "NOUN", "PUNCT"]},
-                     {"words": ["Oui"], "upos": ["INTJ"]}]
+                      "upos": ["PRON", "VERB", "ADP", "DET", "NOUN", "PUNCT"],
+                      "sent_id": "1", "text": "Je vais au marché."},
+                     {"words": ["Oui"], "upos": ["INTJ"], "sent_id": "2", "text": None}]
 
 
 @pytest.mark.parametrize("line, message", [
