@@ -178,8 +178,8 @@ class Classifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         h = self.encoder(input_ids, attention_mask, token_type_ids)
-        z = model.pool(h, attention_mask, self.head.pooling)
-        return self.head(h, attention_mask), (z if self.proj is None else self.proj(z))
+        z = model.pool(h, attention_mask, self.head.pooling)            # pooled once: the head and the map share it
+        return self.head.classify(z), (z if self.proj is None else self.proj(z))
 
 
 def set_dropout(module, p):

@@ -248,7 +248,11 @@ class ClassificationHead(nn.Module):
         init_weights(self.out, 0.02)
 
     def forward(self, h, attention_mask):
-        return self.out(self.dropout(pool(h, attention_mask, self.pooling)))
+        return self.classify(pool(h, attention_mask, self.pooling))
+
+    def classify(self, z):
+        """Logits of already pooled sentence vectors z (B, H), for a caller that needs z itself too."""
+        return self.out(self.dropout(z))
 
     def describe(self):
         return {"type": "sequence", "pooling": self.pooling, "num_labels": self.num_labels}
