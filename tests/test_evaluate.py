@@ -128,7 +128,7 @@ class LengthHead(nn.Module):
         return nn.functional.one_hot(attention_mask.sum(1), self.num_labels).float()
 
 
-def test_predict_classes_keeps_original_order_and_restores_mode(tiny_checkpoint):
+def test_predict_keeps_original_order_and_restores_mode(tiny_checkpoint):
     path = tiny_checkpoint()
     enc = model.Encoder.from_pretrained(path)
     head = LengthHead(enc)
@@ -136,11 +136,11 @@ def test_predict_classes_keeps_original_order_and_restores_mode(tiny_checkpoint)
     examples = [{"input_ids": list(range(5, 5 + n)), "token_type_ids": [0] * n} for n in lengths]
     enc.train()
     head.train()
-    assert ev.predict_classes(enc, head, examples, pad_id=0, device="cpu", batch_size=2) == lengths
+    assert ev.predict(enc, head, examples, pad_id=0, device="cpu", batch_size=2) == lengths
     assert head.seen and all(s == (False, False, False) for s in head.seen)   # eval mode, no autograd
     assert enc.training and head.training                                     # modes restored
     enc.eval()
-    assert ev.predict_classes(enc, head, examples, pad_id=0, device="cpu", batch_size=4) == lengths
+    assert ev.predict(enc, head, examples, pad_id=0, device="cpu", batch_size=4) == lengths
     assert not enc.training
 
 
