@@ -1,13 +1,18 @@
-"""Every script's --help: exits 0, documents every option, and shows each default once."""
+"""Every script's --help: exits 0, documents every option, shows each default once, and the five method
+scripts speak one flag vocabulary."""
 import argparse
 import importlib
 import re
 
 import pytest
 
-from model import HelpFormatter
+from evaluate import HelpFormatter
 
 SCRIPTS = ["distill", "mblm", "continual", "align", "transfer", "evaluate", "bench"]
+METHODS = SCRIPTS[:5]
+COMMON = ["--langs", "--data_dir", "--out_dir", "--device", "--seeds", "--compile", "--epochs", "--batch_size",
+          "--lr", "--weight_decay", "--warmup", "--max_len", "--dropout", "--prefix", "--train_embeddings",
+          "--limit", "--eval_limit", "--log_every", "--no_save"]
 
 
 def test_help_formatter_shows_defaults_once():
@@ -38,3 +43,15 @@ def test_script_help(name, capsys):
         # an option with help has its text on its own line (after 2+ spaces) or on the next, indented line
         if re.match(r"^  -", line) and not re.search(r"\S  +\S", line.strip()):
             assert i + 1 < len(lines) and lines[i + 1].startswith(" " * 10), f"{name}: {line.strip()} has no help"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_scripts_share_one_vocabulary(name, capsys):
+    script = importlib.import_module(name)
+    with pytest.raises(SystemExit):
+        script.main(["--help"])
+    flags = set(re.findall(r"^  (--[a-z_]+)", capsys.readouterr().out, re.M))
+    assert not [f for f in COMMON if f not in flags], f"{name} lacks common flags"
+    # one name, one meaning: the old dialects are gone
+    assert not flags & {"--seed", "--train_limit", "--max_train", "--train_sentences", "--tatoeba_n", "--max_sentences",
+                        "--eval_batch_size", "--head_lr", "--eval_langs", "--tatoeba_langs", "--checkpoint", "--lang"}

@@ -2,6 +2,7 @@
 scaling, sharded prediction, and an end-to-end run of the script on tiny random models and real SIB-200 rows."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 
 import data
 import distill
+import evaluate
 import model
-from model import XltError
 
 
 def softmax(xs):
@@ -188,25 +189,29 @@ def test_predict_shards_join_to_the_full_prediction():
     assert torch.allclose(direct, full_logits[7], atol=1e-5)
 
 
-def test_set_dropout_reaches_every_dropout():
-    enc = tiny_encoder(32)
-    clf = distill.Classifier(enc, model.ClassificationHead(32, 3))
-    distill.set_dropout(clf, 0.0)
+def test_dropout_flag_reaches_every_dropout(tiny_checkpoint):
+    """--dropout goes to Encoder.from_pretrained and, through the config, to the head new_classifier adds."""
+    base = model.Encoder.from_pretrained(tiny_checkpoint("t", hidden=32, mlm_head=False), dropout=0.0, verbose=False)
+    clf = distill.new_classifier(base, 3, SimpleNamespace(train_embeddings=False, pooling="mean"), seed=1)
     assert all(m.p == 0.0 for m in clf.modules() if isinstance(m, nn.Dropout))
-    assert all(b.attn_dropout == 0.0 for b in enc.layers)
-    assert enc.config.hidden_dropout_prob == 0.0 and enc.config.attention_probs_dropout_prob == 0.0
+    assert all(b.attn_dropout == 0.0 for b in clf.encoder.layers)
+    assert clf.encoder.config.hidden_dropout_prob == 0.0 and clf.encoder.config.attention_probs_dropout_prob == 0.0
+    assert not clf.encoder.embed.word.weight.requires_grad and clf.encoder.layers[0].qkv.weight.requires_grad
 
 
-def test_summarize_means_and_stds_over_seeds():
-    per_seed = {1: {"baseline": {"eng_Latn": 80.0, "deu_Latn": 60.0, "fra_Latn": 50.0}},
-                2: {"baseline": {"eng_Latn": 90.0, "deu_Latn": 70.0, "fra_Latn": 70.0}}}
-    out, mean = distill.summarize(per_seed, "eng_Latn")
-    assert out["results"]["baseline"] == {"eng_Latn": 85.0, "deu_Latn": 65.0, "fra_Latn": 60.0}
-    assert out["zero_shot_avg"]["baseline"] == 62.5                  # mean of 55 and 70
-    assert out["zero_shot_std"]["baseline"] == round(math.sqrt(((55 - 62.5) ** 2 + (70 - 62.5) ** 2) / 1), 2)
-    assert out["per_seed"]["2"]["zero_shot_avg"]["baseline"] == 70.0
-    one, _ = distill.summarize({1: per_seed[1]}, "eng_Latn")
-    assert set(one) == {"results", "zero_shot_avg"}                   # one seed: no per_seed / std
+def test_results_mean_and_std_over_seeds():
+    """What main reports: each seed's row with its averages (evaluate.with_averages), then mean and sample
+    std over seeds (evaluate.mean_std); the zero-shot average's std is over the seeds' own averages."""
+    rows = {1: {"eng_Latn": 80.0, "deu_Latn": 60.0, "fra_Latn": 50.0},
+            2: {"eng_Latn": 90.0, "deu_Latn": 70.0, "fra_Latn": 70.0}}
+    per_seed = {s: {"baseline": evaluate.with_averages(r, "eng_Latn")} for s, r in rows.items()}
+    mean, std = evaluate.mean_std(per_seed)
+    assert {k: mean["baseline"][k] for k in rows[1]} == {"eng_Latn": 85.0, "deu_Latn": 65.0, "fra_Latn": 60.0}
+    assert mean["baseline"]["zero-shot avg"] == 62.5                  # mean of 55 and 70
+    assert std["baseline"]["zero-shot avg"] == pytest.approx(math.sqrt(((55 - 62.5) ** 2 + (70 - 62.5) ** 2) / 1))
+    assert per_seed[2]["baseline"]["zero-shot avg"] == 70.0
+    _, one = evaluate.mean_std({1: per_seed[1]})
+    assert set(one["baseline"].values()) == {None}                    # one seed: no std
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,9 +221,10 @@ def test_summarize_means_and_stds_over_seeds():
 @pytest.mark.parametrize("argv, flag", [(["--alpha", "1.5"], "--alpha"), (["--temperature", "0"], "--temperature"),
                                         (["--epochs", "0"], "--epochs"), (["--seeds", "1", "1"], "--seeds"),
                                         (["--dropout", "1"], "--dropout"), (["--beta", "-1"], "--beta")])
-def test_bad_flags_are_one_line_errors(argv, flag):
-    with pytest.raises(XltError, match=flag):
+def test_bad_flags_are_one_line_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
         distill.parse_args(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_pair_task_without_files_names_the_folder(tmp_path):
@@ -241,11 +247,17 @@ def test_pair_task_labels_out_of_range(tmp_path):
     args = distill.parse_args(["--task", "pawsx", "--data_dir", str(tmp_path)])
     with pytest.raises(data.DataError, match="out of range"):
         distill.load_task(args)
+    args = distill.parse_args(["--task", "pawsx", "--data_dir", str(tmp_path), "--langs", "de,fr"])
+    with pytest.raises(data.DataError, match="--langs: .* no test-fr.tsv file .it has: de, en"):
+        distill.load_task(args)
 
 
 # ----------------------------------------------------------------------------------------------------
 # end to end, on tiny random checkpoints (teacher width 32, student width 48)
 # ----------------------------------------------------------------------------------------------------
+
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
+
 
 def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path):
     teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
@@ -253,18 +265,22 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path):
     out = tmp_path / "out"
     langs = ["eng_Latn", "deu_Latn", "amh_Ethi"]
     result = distill.main(["--teacher", str(teacher), "--student", str(student), "--data_dir", str(data_dir),
-                           "--out_dir", str(out), "--langs", ",".join(langs), "--train_limit", "32",
+                           "--out_dir", str(out), "--langs", ",".join(langs), "--limit", "32",
                            "--eval_limit", "16", "--epochs", "2", "--batch_size", "8", "--log_every", "2"])
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) == {"results", "zero_shot_avg", "config", "seconds"}
-    assert saved["results"] == result["results"]
-    assert list(saved["results"]) == list(distill.METHODS)
+    assert set(saved) == SCHEMA and saved["script"] == "distill.py" and saved["seeds"] == [1]
+    assert saved["results"] == json.loads(json.dumps(result["results"]))
+    assert list(saved["results"]["1"]) == list(distill.METHODS)
     for method in distill.METHODS:
-        row = saved["results"][method]
-        assert list(row) == langs and all(0 <= v <= 100 for v in row.values())
-        assert saved["zero_shot_avg"][method] == pytest.approx((row["deu_Latn"] + row["amh_Ethi"]) / 2, abs=0.01)
-    assert saved["config"]["train_limit"] == 32 and saved["config"]["world_size"] == 1 and saved["seconds"] > 0
-    log = json.loads((out / "train_log.json").read_text())["1"]
+        row = saved["results"]["1"][method]
+        assert list(row) == langs + ["avg", "zero-shot avg"] and all(0 <= v <= 100 for v in row.values())
+        assert row["zero-shot avg"] == pytest.approx((row["deu_Latn"] + row["amh_Ethi"]) / 2)
+        assert saved["mean"][method] == row and set(saved["std"][method].values()) == {None}
+    assert saved["config"]["limit"] == 32 and saved["details"]["world_size"] == 1 and saved["seconds"] > 0
+    assert saved["details"]["sizes"]["train"] == 32 and saved["details"]["sizes"]["test"]["amh_Ethi"] == 16
+    md = (out / "results.md").read_text()
+    assert "| method | eng_Latn | deu_Latn | amh_Ethi | avg | zero-shot avg |" in md
+    log = saved["details"]["train_log"]["1"]
     assert set(log) == set(distill.METHODS) and len(log["baseline"]["dev_curve"]) == 2
     assert all(math.isfinite(loss) for _, loss in log["repr_distill"]["loss"])
 
@@ -275,11 +291,11 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path):
         assert head.num_labels == len(data.SIB200_LABELS) and cfg["xlt_distill"]["method"] == method
     enc, head, cfg = model.load_with_head(out / "baseline")
     tok = data.load_tokenizer(out / "baseline")
-    rows = distill._limit(data.read_sib200(data_dir, "deu_Latn", "test"), 16)
+    rows = data.subset(data.read_sib200(data_dir, "deu_Latn", "test"), 16)
     examples = distill.encode_rows(tok, rows, 128, cfg["xlt_prefix"])
-    acc = distill.score(distill.Classifier(enc, head), examples, data.special_ids(tok)["pad"], "accuracy", 7,
-                        torch.device("cpu"), 0, 1, 64)
-    assert round(acc, 2) == saved["results"]["baseline"]["deu_Latn"]
+    acc = distill.score(distill.Classifier(enc, head), examples, data.special_ids(tok)["pad"], "accuracy",
+                        torch.device("cpu"))
+    assert acc == saved["results"]["1"]["baseline"]["deu_Latn"]
 
 
 def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
@@ -289,23 +305,26 @@ def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
     result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "pawsx",
                            "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
                            "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
-    assert set(result) == {"results", "zero_shot_avg", "config", "seconds", "per_seed", "zero_shot_std"}
-    assert list(result["results"]["baseline"]) == ["de", "en"]            # every test-<lang>.tsv, sorted
-    assert set(result["per_seed"]) == {"1", "2"}
-    assert result["zero_shot_avg"]["teacher"] == result["results"]["teacher"]["de"]
+    assert set(result) == SCHEMA and result["seeds"] == [1, 2]
+    assert list(result["mean"]["baseline"]) == ["de", "en", "avg", "zero-shot avg"]   # every test-<lang>.tsv
+    assert set(result["results"]) == {"1", "2"}
+    assert result["mean"]["teacher"]["zero-shot avg"] == result["mean"]["teacher"]["de"]
+    assert all(v is not None for v in result["std"]["teacher"].values())
     _, head, _ = model.load_with_head(tmp_path / "out" / "output_distill")
     assert head.num_labels == 2
 
 
 def test_several_seeds_without_a_zero_shot_language(tiny_checkpoint, tmp_path):
     """--langs only the training language: there is no zero-shot average (None), and the summary over
-    seeds must say so instead of failing to format it."""
+    seeds must say so instead of failing to format it. --no_save: results, but no model."""
     write_pawsx(tmp_path / "data" / "pawsx")
     teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
     student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
     result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "pawsx",
                            "--langs", "en", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
-                           "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
-    assert list(result["results"]["baseline"]) == ["en"]
-    assert set(result["zero_shot_avg"].values()) == {None} and set(result["zero_shot_std"].values()) == {None}
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["zero_shot_avg"]["teacher"] is None
+                           "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2", "--no_save"])
+    assert list(result["results"]["1"]["baseline"]) == ["en", "avg", "zero-shot avg"]
+    assert {m["zero-shot avg"] for m in result["mean"].values()} == {None}
+    assert {s["zero-shot avg"] for s in result["std"].values()} == {None}
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["mean"]["teacher"]["zero-shot avg"] is None
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md"]
