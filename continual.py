@@ -1,75 +1,57 @@
-"""continual.py: fine-tune on English POS tagging while keeping the cross-lingual ability of pre-training,
-by treating masked-LM pre-training as an earlier task of continual learning.
+"""continual.py: fine-tune on English POS without forgetting masked LM, by GEM projection (Liu et al. 2020).
 
 Paper: Zihan Liu, Genta Indra Winata, Andrea Madotto, Pascale Fung (2020), "Exploring Fine-tuning
-Techniques for Pre-trained Cross-lingual Models via Continual Learning" (arXiv:2004.14218).
-
-What the paper says (its abstract; we could not read the full text): fine-tuning a multilingual model on an
-English task changes its parameters and weakens its cross-lingual ability, measured by cross-lingual
-sentence retrieval; preserving the pre-trained model's ability with continual learning keeps retrieval
-better and gives better zero-shot POS tagging and NER than other fine-tuning baselines.
+Techniques for Pre-trained Cross-lingual Models via Continual Learning" (arXiv:2004.14218). Its abstract
+(we could not read the full text): fine-tuning a multilingual model on an English task changes its
+parameters and weakens its cross-lingual ability, measured by cross-lingual sentence retrieval; preserving
+the pre-trained model's ability with continual learning keeps retrieval better and gives better zero-shot
+POS tagging and NER than other fine-tuning baselines.
 
 The method in five lines (our reconstruction, from the abstract and the issue that asked for this script):
-  1. The "previous task" is the model's pre-training task, masked-LM, replayed on a small episodic memory
-     of multilingual text (here 100 SIB-200 *training* sentences in each of 20 languages).
+  1. The "previous task" is masked-LM pre-training, replayed on a small episodic memory of multilingual text.
   2. At every step take the task gradient g (English POS tagging) and the MLM gradient g_ref on a memory batch.
   3. If they conflict (g . g_ref < 0), project g onto the half-space where the MLM loss does not increase:
          g <- g - (g . g_ref / g_ref . g_ref) g_ref
      This is GEM (Lopez-Paz & Ranzato 2017) with a single previous task: its quadratic program (the
      closest g~ to g with g~ . g_ref >= 0) has exactly this closed form, which is also A-GEM's update
      (Chaudhry et al. 2019), so "GEM" and "A-GEM" coincide here.
-  4. The projection acts on the *shared encoder parameters* only: every trainable encoder parameter below the
-     heads (position and token-type embeddings, the embedding LayerNorm, all Transformer blocks; with
-     --train_embeddings also the word-embedding matrix). The POS head is not shared with MLM, so its
-     gradient is left as it is; the MLM head is frozen.
-  5. Compared with (--method): naive fine-tuning; freezing the embeddings and the bottom k blocks;
-     multi-task learning (loss = POS + lambda * MLM on the memory); and gem (the projection above).
+  4. The projection acts on the shared encoder parameters only (every trainable encoder parameter below
+     the heads); the POS head's gradient is left as it is; the MLM head is frozen.
+  5. Compared with (--method): naive fine-tuning; freeze (the embeddings and the bottom --freeze_layers
+     blocks); multitask (loss = POS + lambda * MLM on the memory); gem (the projection above).
 
-Measured as the paper does (our concrete choices of data):
-  - cross-lingual ability: Tatoeba xx->en top-1 retrieval (mean-pooled sentence vectors, cosine) at every
-    hidden state, before fine-tuning and after each method;
-  - zero-shot POS: train on UD English-EWT, select on EWT dev, test on the parallel UD PUD test sets.
+Measured (our choice of data): Tatoeba xx->en top-1 retrieval (mean-pooled, cosine) at every hidden state,
+before fine-tuning and after each method; zero-shot POS: train on UD English-EWT, select on EWT dev, test
+on the parallel UD PUD test sets.
 
-Our choices (not the paper's):
-  - multilingual-e5-small ships without an MLM head (e5 was trained contrastively after its MLM-style
-    distillation). So a step the paper does not have comes first: we fit a fresh head (dense + GELU +
-    LayerNorm + output bias; the decoder is the frozen word-embedding matrix, tied) on the *frozen* encoder
-    with MLM on the memory (500 steps of 64 masked tokens on stored last-layer states), print its final
-    loss/accuracy, and cache it under --out_dir keyed by checkpoint name, steps and memory (`fit_mlm_head`).
-    This head is weak (measured: 15.7% masked-token accuracy on the memory, 5.8% on held-out SIB-200 dev
-    sentences: e5's last layer was not trained to predict tokens, and ten thousand targets are little data),
-    so g_ref here means "do not move the representations in directions that hurt this head's token
-    predictions". A checkpoint with an MLM head (mBERT, XLM-R) uses its own.
-  - The MLM softmax runs over the ids that occur in the memory (and the held-out MLM text), ~20k, not all
-    250k ids (--mlm_vocab memory): on a CPU the full decoder costs more than the encoder. Every target is
-    in that set, so this only drops never-seen ids from the normaliser. --mlm_vocab full is exact.
-  - The word-embedding matrix is frozen by default (xlt's convention: the 250k-row matrix dominates a CPU
-    optimizer step, and rows of languages absent from English POS data should not drift); --train_embeddings.
-  - freeze: the embeddings and the bottom --freeze_layers 6 of 12 blocks. multitask: lambda = 1.
-  - Budget for a 2-core CPU: 2,000 of EWT's 12,544 training sentences (--train_sentences, a seeded random
-    subset), 1 epoch of 125 steps of 16 sentences at lr 1e-4 (small encoders take a larger lr than BERT-base),
-    model selection every 50 steps on 300 EWT dev sentences, the first 200 PUD sentences per language (the
-    same 200 sentences in every language: PUD is parallel), the first 200 Tatoeba pairs per language
-    (--tatoeba_limit), and 8 languages that have both Tatoeba and PUD sets. Retrieval among 200 candidates
-    is easier than among 1,000, so the numbers are higher than full-Tatoeba ones; what they are for is the
-    comparison between methods. Memory batches have 8 sentences (half the task batch, to save time).
-  - e5 is used with its "query: " prefix for retrieval (evaluate.resolve_prefix), nothing for POS.
+Ours, not the paper's:
+  - The memory: --memory_per_lang SIB-200 *train* sentences of each --memory_langs language (default
+    English + the 19 languages that have Tatoeba and PUD sets); SIB-200 dev sentences measure how much
+    MLM survives. Memory batches of --memory_batch_size 8 sentences (half the task batch, to save time).
+  - multilingual-e5-small ships without an MLM head, so we first fit a fresh one on the frozen encoder
+    (model.fit_mlm_head on the memory, --mlm_head_steps) and cache it under --out_dir; g_ref then means
+    "do not hurt this head's token predictions". A checkpoint with an MLM head uses its own.
+  - The MLM softmax runs over the ids of the memory and held-out text (--mlm_vocab memory, ~20k of 250k:
+    on a CPU the full decoder costs more than the encoder; every target is in the set, so only never-seen
+    ids leave the normaliser). --mlm_vocab full is exact.
+  - The word-embedding matrix is frozen unless --train_embeddings; freeze keeps 6 of 12 blocks; lambda = 1.
+  - A 2-core CPU budget: --limit 2000 of EWT's 12,544 training sentences, 1 epoch at lr 1e-4, model
+    selection every --eval_every 50 steps; --eval_limit 200 sentences of EWT dev and of each PUD set and
+    200 Tatoeba pairs per language (all evenly spaced). Retrieval among 200 candidates is easier than among
+    1,000: the numbers are for comparing methods. e5 gets its "query: " prefix for retrieval only.
 
 Run:
-    XLT_DATA=../shared/data python continual.py --method all   # e5-small: 18.5 min on ONE core of a 2-core CPU
-    python continual.py --method gem --checkpoint xlm-roberta-base --train_sentences 12544 --epochs 3 \
-        --tatoeba_limit 1000 --pud_sentences 1000 --mlm_vocab full --device cuda   # with internet + a GPU
+    XLT_DATA=../shared/data python continual.py --method all
+    python continual.py --method gem --model xlm-roberta-base --limit 12544 --epochs 3 --eval_limit 1000 \\
+        --mlm_vocab full --device cuda                                      # with internet and a GPU
 """
-import argparse
 import hashlib
 import json
-import math
 import re
-import sys
+import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -79,25 +61,16 @@ import evaluate
 import model
 from model import XltError
 
+PAPER = ("Liu, Winata, Madotto, Fung (2020): Exploring Fine-tuning Techniques for Pre-trained Cross-lingual "
+         "Models via Continual Learning, arXiv:2004.14218")
 METHODS = ("naive", "freeze", "multitask", "gem")
-
-# Languages with both a Tatoeba set (retrieval) and a UD PUD test set (POS):
-# Tatoeba code (ISO 639-3) -> (PUD code (ISO 639-1), FLORES-200 code of SIB-200 for the memory).
-LANGS = {"deu": ("de", "deu_Latn"), "fra": ("fr", "fra_Latn"), "spa": ("es", "spa_Latn"),
-         "ita": ("it", "ita_Latn"), "por": ("pt", "por_Latn"), "rus": ("ru", "rus_Cyrl"),
-         "cmn": ("zh", "zho_Hans"), "jpn": ("ja", "jpn_Jpan"), "kor": ("ko", "kor_Hang"),
-         "ara": ("ar", "arb_Arab"), "hin": ("hi", "hin_Deva"), "tur": ("tr", "tur_Latn"),
-         "ind": ("id", "ind_Latn"), "tha": ("th", "tha_Thai"), "fin": ("fi", "fin_Latn"),
-         "pol": ("pl", "pol_Latn"), "swe": ("sv", "swe_Latn"), "ces": ("cs", "ces_Latn"),
-         "isl": ("is", "isl_Latn")}
+# FLORES-200 codes of the languages with both a Tatoeba set (retrieval) and a UD PUD test set (POS).
+PAIRED = [f for f, (_, pud) in data.LANGUAGES.items() if pud and f != "eng_Latn"]
 # Eight scripts/families: Germanic, Romance, Slavic/Cyrillic, Han, Japanese, Arabic, Devanagari, Turkic.
-DEFAULT_LANGS = ["deu", "fra", "rus", "cmn", "jpn", "ara", "hin", "tur"]
-DEFAULT_MEMORY_LANGS = ["eng_Latn"] + [flores for _, flores in LANGS.values()]
+DEFAULT_LANGS = ["deu_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "jpn_Jpan", "arb_Arab", "hin_Deva", "tur_Latn"]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The projection (GEM with one previous task = A-GEM), written on flat vectors
-# ----------------------------------------------------------------------------------------------------
+# -------------------- The projection (GEM with one previous task = A-GEM), on flat vectors ----------
 
 def flatten_grads(params):
     """The gradients of a parameter group as one fp32 vector (a parameter without a gradient counts as 0)."""
@@ -156,8 +129,7 @@ def shared_parameters(enc):
 def set_trainable(enc, method, freeze_layers=6, train_embeddings=False):
     """requires_grad for one method. Always frozen: the MLM head (the previous task's head, fitted once).
     The word-embedding matrix unless train_embeddings. freeze: all embeddings + the bottom freeze_layers blocks."""
-    for p in enc.parameters():
-        p.requires_grad_(True)
+    enc.requires_grad_(True)
     if enc.mlm is not None:
         enc.mlm.requires_grad_(False)
     enc.embed.word.weight.requires_grad_(train_embeddings)
@@ -165,13 +137,10 @@ def set_trainable(enc, method, freeze_layers=6, train_embeddings=False):
         if not 0 <= freeze_layers <= len(enc.layers):
             raise XltError(f"--freeze_layers must be between 0 and {len(enc.layers)}, got {freeze_layers}")
         enc.embed.requires_grad_(False)
-        for block in enc.layers[:freeze_layers]:
-            block.requires_grad_(False)
+        enc.layers[:freeze_layers].requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The previous task: masked LM on a memory of multilingual text
-# ----------------------------------------------------------------------------------------------------
+# -------------------- The previous task: masked LM on a memory of multilingual text -------------------
 
 def mlm_vocab(example_lists, tok, vocab_size, full=False):
     """The ids the MLM softmax runs over: every id (full), or the non-special ids that occur in the given
@@ -184,460 +153,246 @@ def mlm_vocab(example_lists, tok, vocab_size, full=False):
 
 
 class Memory:
-    """The episodic memory: encoded multilingual sentences, served as masked-LM batches.
-
-    A batch is built on the CPU: data.mask_tokens (BERT's 80/10/10), then the flat positions of the masked
-    tokens and their targets as rows of `vocab`. Doing this indexing here, not on the device, keeps the
-    training step free of host syncs (a boolean mask on the device would need one to know its size)."""
+    """The episodic memory: encoded sentences served as masked-LM batches (data.mlm_batch) whose targets
+    are rows of `vocab`, drawn from the memory's own generator."""
 
     def __init__(self, examples, vocab, tok, vocab_size, batch_size, prob, seed):
         self.examples, self.vocab, self.batch_size, self.prob = examples, vocab, batch_size, prob
-        sp = data.special_ids(tok)
-        self.pad, self.mask, self.specials, self.vocab_size = sp["pad"], sp["mask"], sorted(set(sp.values())), vocab_size
-        self.row = torch.full((vocab_size,), -1, dtype=torch.long)     # token id -> its row of vocab
-        self.row[vocab] = torch.arange(len(vocab))
+        self.ids, self.vocab_size = data.special_ids(tok), vocab_size
+        self.rows = torch.full((vocab_size,), -1, dtype=torch.long)     # token id -> its row of vocab
+        self.rows[vocab] = torch.arange(len(vocab))
         self.generator = torch.Generator().manual_seed(seed)
 
     def batch(self, rows=None):
         """A masked batch of the given example indices, or of batch_size random ones."""
         if rows is None:
             rows = torch.randint(len(self.examples), (self.batch_size,), generator=self.generator).tolist()
-        b = data.pad_batch([self.examples[i] for i in rows], self.pad)
-        masked, labels = data.mask_tokens(b["input_ids"], b["attention_mask"], self.specials, self.mask,
-                                          self.vocab_size, self.generator, self.prob)
-        if not labels.ne(-100).any():       # nothing drawn (very short sentences): mask the first real token
-            labels[0, 1], masked[0, 1] = b["input_ids"][0, 1], self.mask
-        positions = labels.view(-1).ne(-100).nonzero().squeeze(1)
-        targets = self.row[labels.view(-1)[positions]]
-        if (targets < 0).any():
-            raise XltError("memory batch: a masked token is outside the MLM vocabulary (build it with mlm_vocab "
-                           "over every text that is masked)")
-        return {"input_ids": masked, "attention_mask": b["attention_mask"], "token_type_ids": b["token_type_ids"],
-                "positions": positions, "targets": targets}
+        return data.mlm_batch([self.examples[i] for i in rows], self.ids, self.vocab_size, self.generator,
+                              self.prob, rows=self.rows)
+
+    def batches(self, size=32):
+        """Every sentence once, in order, masked once."""
+        return [self.batch(range(i, min(i + size, len(self.examples)))) for i in range(0, len(self.examples), size)]
 
 
-def mlm_loss(enc, batch, vocab, forward=None):
-    """(cross-entropy, number of correct predictions) of the memory batch's masked tokens."""
-    h = (forward or enc)(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    logits = enc.mlm_logits(h.flatten(0, 1)[batch["positions"]], vocab).float()   # softmax over `vocab` only
-    return F.cross_entropy(logits, batch["targets"]), (logits.argmax(-1) == batch["targets"]).sum()
-
-
-def read_memory(data_dir, langs, per_lang, split="train"):
-    """The first per_lang SIB-200 sentences of each language of a split (train for the memory, dev for
-    measuring MLM; never test). Topic labels are not used: the memory is plain text."""
-    return [row["text"] for lang in langs for row in data.read_sib200(data_dir, lang, split)[:per_lang]]
-
-
-def mlm_head_cache(out_dir, args):
-    """Where the fitted MLM head is cached: keyed by checkpoint name and steps, plus a short hash of
-    everything else that determines the head (the memory and the fitting's settings)."""
-    key = {k: getattr(args, k) for k in ("checkpoint", "mlm_head_steps", "mlm_head_lr", "memory_langs",
-                                         "memory_per_lang", "memory_eval_per_lang", "max_len", "mlm_prob",
-                                         "mlm_vocab", "seed")}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(args.checkpoint)).strip("_")
-    return Path(out_dir) / "mlm_head" / f"{name}-{args.mlm_head_steps}steps-{digest}.safetensors"
-
-
-def fit_mlm_head(enc, memory, steps, lr, device, cache, batch_tokens=64, log_every=100):
-    """Fit a freshly initialised MLM head (dense, LayerNorm, output bias; the decoder is the frozen word-
-    embedding matrix) with masked LM on the memory, the encoder frozen; or load it from `cache`.
-
-    The encoder does not change here, so it runs once over the memory (every sentence masked once) and the
-    head is fitted for `steps` steps of `batch_tokens` masked tokens on the stored last-layer states: the
-    same objective as running the encoder at every step, for a fraction of the cost.
-    Returns {'cache', 'loaded', 'steps', 'targets', 'loss', 'accuracy'} (the last 10% of steps)."""
+def mlm_head(enc, memory, args, seed, device):
+    """The previous task's head: the checkpoint's own, else one fitted on the frozen encoder with masked LM
+    on the memory (model.fit_mlm_head), cached under --out_dir keyed by everything that determines it."""
+    if enc.checkpoint_has_mlm_head:
+        return {"source": "checkpoint"}
+    key = {k: getattr(args, k) for k in ("model", "mlm_head_steps", "mlm_head_lr", "memory_langs", "memory_per_lang",
+                                         "memory_eval_per_lang", "max_len", "mlm_prob", "mlm_vocab")}
+    digest = hashlib.sha1(json.dumps({**key, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model).strip("_")
+    cache = Path(args.out_dir, "mlm_head", f"{name}-{digest}.safetensors")
     if cache.is_file():
         enc.mlm.load_state_dict(model.read_safetensors(cache))
-        info = json.loads(cache.with_suffix(".json").read_text()) if cache.with_suffix(".json").is_file() else {}
-        print(f"[continual] MLM head: loaded the fitted head from {cache} "
-              f"(final loss {info.get('loss', float('nan')):.3f}, accuracy {info.get('accuracy', float('nan')):.1f}%)")
-        return {**info, "cache": str(cache), "loaded": True}
-    enc.requires_grad_(False)
-    states, targets, was_training = [], [], enc.training
-    enc.eval()                                            # a fixed feature extractor: no dropout
-    with torch.no_grad():
-        for i in tqdm(range(0, len(memory.examples), 32), desc="MLM head: encode memory", leave=False):
-            batch = data.to_device(memory.batch(list(range(i, min(i + 32, len(memory.examples))))), device)
-            with model.autocast(device):
-                h = enc(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            states.append(h.flatten(0, 1)[batch["positions"]].float())
-            targets.append(batch["targets"])
-    enc.train(was_training)
-    states, targets = torch.cat(states), torch.cat(targets)
-    print(f"[continual] MLM head: the checkpoint has none; fitting one on the frozen encoder: {steps} steps of "
-          f"{batch_tokens} masked tokens from {len(targets)} (memory: {len(memory.examples)} sentences), "
-          f"softmax over {len(memory.vocab)} ids")
-    enc.mlm.requires_grad_(True)
-    opt = model.configure_optimizer([enc.mlm], lr, 0.0)
-    vocab = memory.vocab.to(device)
-    tail = max(1, steps // 10)
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    # Every step's token indices drawn up front and moved once: a CPU tensor moved to a GPU inside the loop
-    # would wait for the queued work at every step (the same numbers as drawing 64 per step).
-    draws = torch.randint(len(targets), (steps, batch_tokens), generator=memory.generator).to(device)
-    for step in tqdm(range(steps), desc="MLM head: fit", leave=False):
-        for group in opt.param_groups:
-            group["lr"] = lr * model.lr_schedule(step, steps, max(1, steps // 10))
-        idx = draws[step]
-        with model.autocast(device):
-            logits = enc.mlm_logits(states[idx], vocab).float()
-        loss = F.cross_entropy(logits, targets[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= steps - tail:
-            loss_sum += loss.detach()
-            correct += (logits.argmax(-1) == targets[idx]).sum()
-        if (step + 1) % log_every == 0:
-            tqdm.write(f"[continual] MLM head step {step + 1}/{steps}: loss {loss.item():.3f}")
-    enc.requires_grad_(False)
-    info = {"steps": steps, "targets": len(targets), "loss": loss_sum.item() / tail,
-            "accuracy": 100.0 * correct.item() / (tail * batch_tokens)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    model.write_safetensors(enc.mlm.state_dict(), cache)     # atomic: a cut-off run leaves no half file
-    evaluate.write_json(cache.with_suffix(".json"), info)
-    print(f"[continual] MLM head: fitted, final masked-LM loss {info['loss']:.3f}, accuracy "
-          f"{info['accuracy']:.1f}% (mean of the last {tail} steps, on the memory); cached at {cache}")
-    return {**info, "cache": str(cache), "loaded": False}
+        info = {**json.loads(cache.with_suffix(".json").read_text()), "loaded": True}
+    else:                                         # the memory's generator masks the memory, then draws the tokens
+        info = {**model.fit_mlm_head(enc, memory.batches(), args.mlm_head_steps, args.mlm_head_lr, device,
+                                     memory.vocab, generator=memory.generator), "loaded": False}
+        if not args.no_save:
+            evaluate.write_json(cache.with_suffix(".json"), {k: v for k, v in info.items() if k != "loaded"})
+            model.write_safetensors(enc.mlm.state_dict(), cache)
+    print(f"[continual] MLM head {'loaded from' if info['loaded'] else 'fitted, for'} {cache}: masked-LM loss "
+          f"{info['loss']:.3f}, accuracy {info['accuracy']:.1f}% (last 10% of the fit's steps, on the memory)")
+    return {**info, "source": "fitted on the frozen encoder", "cache": str(cache)}
 
 
-def memory_mlm_score(enc, batches, vocab, device):
-    """(loss, accuracy %) of masked LM over fixed held-out batches: how much of the previous task survives."""
-    vocab = vocab.to(device)
-    loss, correct, count, was_training = 0.0, 0, 0, enc.training
-    enc.eval()
-    with torch.no_grad():
-        for batch in batches:
-            batch = data.to_device(batch, device)
-            with model.autocast(device):
-                batch_loss, batch_correct = mlm_loss(enc, batch, vocab)
-            n = len(batch["targets"])
-            loss, correct, count = loss + batch_loss.item() * n, correct + batch_correct.item(), count + n
-    enc.train(was_training)
-    return loss / count, 100.0 * correct / count
+# -------------------- Fine-tuning: one loop, four methods --------------------------------------------
 
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation on subsets (evaluate.py measures whole sets; these cut them for a CPU budget)
-# ----------------------------------------------------------------------------------------------------
-
-def retrieval_per_layer(enc, tok, tatoeba, device, prefix, batch_size=64):
-    """{lang: [xx->en top-1 % at each hidden state, embeddings first]} on (foreign, english) lists."""
-    out = {}
-    for lang, (foreign, english) in tatoeba.items():
-        x = evaluate.embed(enc, tok, foreign, device, batch_size, all_layers=True, prefix=prefix)
-        e = evaluate.embed(enc, tok, english, device, batch_size, all_layers=True, prefix=prefix)
-        out[lang] = [evaluate.retrieval_top1(x[i], e[i])[0] for i in range(len(x))]
-    return out
-
-
-def pos_eval(enc, head, tok, sets, device, batch_size=64):
-    """{name: UPOS accuracy} for sets {name: [{'words', 'upos'}]}."""
-    return {name: evaluate.pos_accuracy(enc, head, tok, sents, device, batch_size=batch_size)
-            for name, sents in sets.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fine-tuning: one loop, four methods
-# ----------------------------------------------------------------------------------------------------
-
-def finetune(enc, head, method, train, dev, memory, tok, args, device):
-    """Train enc + head on English POS with one method, keep the state with the best EWT-dev accuracy.
-    Returns a dict of what happened: best dev accuracy, dev history, steps, and for gem the number of steps
-    where g was projected and the mean cosine between g and g_ref."""
+def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
+    """Train enc + head on English POS with one method, keep the state best on EWT dev. Returns the dev
+    accuracy, its history, the loss log, and for gem the steps where g was projected and mean cos(g, g_ref)."""
     set_trainable(enc, method, args.freeze_layers, args.train_embeddings)
     names, shared = shared_parameters(enc)
-    trainable = [p for m in (enc, head) for p in m.parameters() if p.requires_grad]
     opt = model.configure_optimizer([enc, head], args.lr, args.weight_decay)
-    forward = torch.compile(enc) if args.compile else enc
-    vocab = memory.vocab.to(device)
-    pad = data.special_ids(tok)["pad"]
-    lengths = [len(e["input_ids"]) for e in train]
-    per_epoch = math.ceil(len(train) / args.batch_size)
-    total = per_epoch * args.epochs
-    warmup = int(args.warmup * total)
-    eval_every = args.eval_every or per_epoch
-    zero = lambda: torch.zeros((), device=device)   # noqa: E731
-    task_sum, mlm_sum, projected, cos_sum, since_log = zero(), zero(), zero(), zero(), 0   # per log window
-    n_projected, cos_total = zero(), zero()                                                # whole run
-    best, best_state, history = -1.0, None, []
-    enc.train()
-    head.train()
-    pbar = tqdm(total=total, desc=method, leave=False)
-    step = 0
+    vocab, pad = memory.vocab.to(device), data.special_ids(tok)["pad"]
+    per_epoch = -(-len(train) // args.batch_size)
+    total, eval_every = per_epoch * args.epochs, args.eval_every or per_epoch
+    losses, log = model.LossLog(args.log_every, total), []
+    n_projected, cos_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    best, history, step = None, [], 0
+
+    def memory_loss():                              # the previous task's loss on a fresh memory batch
+        with model.autocast(device):
+            return model.mlm_loss(enc, data.to_device(memory.batch(), device), vocab)[0]
+    enc.train(), head.train()
     for epoch in range(args.epochs):
-        for idx in data.bucket_batches(lengths, args.batch_size, args.seed, epoch):
-            for group in opt.param_groups:
-                group["lr"] = args.lr * model.lr_schedule(step, total, warmup)
+        batches = data.bucket_batches([len(e["input_ids"]) for e in train], args.batch_size, seed, epoch)
+        for idx in tqdm(batches, desc=f"{method} epoch {epoch + 1}/{args.epochs}", leave=False):
+            model.set_lr(opt, model.lr_schedule(step, total, int(args.warmup * total)))
             batch = data.to_device(data.pad_batch([train[i] for i in idx], pad), device)
             with model.autocast(device):
-                h = forward(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                logits = head(h)
+                logits = head(enc(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
             task = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
-            loss = task
+            logged = [task]
             if method == "multitask":                # one joint objective: POS + lambda * MLM (memory)
-                with model.autocast(device):
-                    mlm, _ = mlm_loss(enc, data.to_device(memory.batch(), device), vocab, forward)
-                loss = task + args.mlm_weight * mlm
-                mlm_sum += mlm.detach()
-            if method == "gem":
-                def memory_loss():
-                    with model.autocast(device):
-                        return mlm_loss(enc, data.to_device(memory.batch(), device), vocab, forward)[0]
-                mlm, conflict, cos = gem_backward(loss, memory_loss, shared)
-                n_projected += conflict
-                projected += conflict
-                cos_sum += cos
-                mlm_sum += mlm.detach()
+                mlm = memory_loss()
+                (task + args.mlm_weight * mlm).backward()
+                logged.append(mlm)
+            elif method == "gem":
+                mlm, conflict, cos = gem_backward(task, memory_loss, shared)
+                n_projected, cos_sum = n_projected + conflict, cos_sum + cos
+                logged += [mlm, conflict, cos]
             else:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            task_sum += task.detach()
+                task.backward()
+            model.optimizer_step(opt)
             step += 1
-            since_log += 1
-            pbar.update(1)
-            if step % args.log_every == 0 or step == total:
-                msg = f"[{method}] step {step}/{total}: POS loss {task_sum.item() / since_log:.3f}"
-                if method in ("multitask", "gem"):
-                    msg += f", memory MLM loss {mlm_sum.item() / since_log:.3f}"
-                if method == "gem":
-                    msg += (f", cos(g, g_ref) {cos_sum.item() / since_log:+.3f}, projected "
-                            f"{int(projected.item())}/{since_log} steps")
-                    cos_total += cos_sum
-                tqdm.write(msg)
-                task_sum, mlm_sum, projected, cos_sum, since_log = zero(), zero(), zero(), zero(), 0
+            if (means := losses.add(*logged)) is not None:        # window means
+                log.append(dict(zip(("POS loss", "memory MLM loss", "projected fraction", "cos(g, g_ref)"), means)))
+                tqdm.write(f"[{method}] step {step}/{total}: " + ", ".join(f"{k} {v:.3f}" for k, v in log[-1].items()))
+                log[-1]["step"] = step
             if step % eval_every == 0 or step == total:
-                acc = evaluate.pos_accuracy(enc, head, tok, dev, device, batch_size=args.eval_batch_size)
+                acc = evaluate.pos_accuracy(enc, head, tok, dev, device)
                 history.append({"step": step, "dev": acc})
                 tqdm.write(f"[{method}] step {step}: EWT dev UPOS accuracy {acc:.2f}")
-                if acc > best:                       # keep a copy of what training changes
-                    best = acc
-                    best_state = [p.detach().clone() for p in trainable]
-                enc.train()
-                head.train()
-    pbar.close()
-    with torch.no_grad():
-        for p, best_p in zip(trainable, best_state):
-            p.copy_(best_p)
+                if best is None or acc > best[0]:    # keep a copy of what training changes
+                    best = (acc, model.trainable_state(enc, head))
+    model.restore(best[1])
     enc.requires_grad_(False)
-    return {"dev": best, "history": history, "steps": total,
-            "projected_steps": int(n_projected.item()) if method == "gem" else None,
-            "mean_cos_g_gref": cos_total.item() / total if method == "gem" else None,
-            "shared_parameters": sum(p.numel() for p in shared), "shared_names": names}
+    gem = method == "gem"
+    return {"dev": best[0], "history": history, "loss_log": log, "steps": total, "shared_names": names,
+            "shared_parameters": sum(p.numel() for p in shared), "projected_steps": int(n_projected) if gem else None,
+            "mean_cos_g_gref": float(cos_sum) / total if gem else None}
 
 
-# ----------------------------------------------------------------------------------------------------
-# The experiment
-# ----------------------------------------------------------------------------------------------------
+# -------------------- The experiment -----------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(formatter_class=model.HelpFormatter, description="Fine-tune on English POS without losing cross-lingual ability: "
-                                "naive, freeze, multitask and GEM projection against masked LM (Liu et al. 2020).")
-    p.add_argument("--method", default="all", choices=METHODS + ("all",),
-                   help="naive | freeze | multitask | gem, or all (default) for the comparison table")
-    p.add_argument("--checkpoint", default="intfloat/multilingual-e5-small", help="encoder (hub name or dir)")
-    p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--out_dir", default="out/continual", help="results.json, the taggers and the fitted MLM head")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    p.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and python's random")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoder for training")
-    p.add_argument("--langs", default=",".join(DEFAULT_LANGS),
-                   help=f"Tatoeba codes, comma-separated, from: {','.join(LANGS)} (default: %(default)s); "
-                        "each is evaluated on Tatoeba retrieval and on its UD PUD set")
-    p.add_argument("--batch_size", type=int, default=16, help="POS sentences per step")
-    p.add_argument("--eval_batch_size", type=int, default=64, help="sentences per evaluation batch")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of fine-tuning")
-    p.add_argument("--weight_decay", type=float, default=0.01, help="AdamW's, on matrices only")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the EWT training subset")
-    p.add_argument("--max_len", type=int, default=64, help="subword tokens per training / memory sentence")
-    p.add_argument("--log_every", type=int, default=20, help="steps between logged losses")
-    p.add_argument("--eval_every", type=int, default=50, help="steps between EWT-dev evaluations "
-                   "(model selection; also after the last step); 0 = once per epoch")
-    p.add_argument("--train_sentences", type=int, default=2000,
-                   help="EWT training sentences, a seeded random subset of 12,544 (0 = all)")
-    p.add_argument("--dev_sentences", type=int, default=300, help="EWT dev sentences for model selection "
-                   "(seeded random subset of 2,001; 0 = all)")
-    p.add_argument("--pud_sentences", type=int, default=200, help="first N sentences of each PUD test set "
-                   "(the same sentences in every language; 0 = all 1,000)")
-    p.add_argument("--tatoeba_limit", type=int, default=200, help="first N Tatoeba pairs per language (0 = all)")
-    p.add_argument("--freeze_layers", type=int, default=6, help="freeze: bottom blocks frozen (with embeddings)")
-    p.add_argument("--mlm_weight", type=float, default=1.0, help="multitask: lambda in POS + lambda * MLM")
-    p.add_argument("--memory_langs", default=",".join(DEFAULT_MEMORY_LANGS),
-                   help="SIB-200 languages (FLORES codes) of the memory (default: English + the 19 of LANGS)")
-    p.add_argument("--memory_per_lang", type=int, default=100, help="memory sentences per language (SIB-200 train)")
-    p.add_argument("--memory_batch_size", type=int, default=8, help="memory sentences per MLM step")
-    p.add_argument("--memory_eval_per_lang", type=int, default=8,
-                   help="SIB-200 dev sentences per memory language to measure MLM before/after (0 = skip)")
-    p.add_argument("--mlm_prob", type=float, default=0.15, help="fraction of tokens masked for MLM")
-    p.add_argument("--mlm_vocab", default="memory", choices=("memory", "full"),
-                   help="softmax over the memory's subword ids (default, cheap) or all ids")
-    p.add_argument("--mlm_head_steps", type=int, default=500,
-                   help="steps (of 64 masked tokens) to fit an MLM head where the checkpoint has none")
-    p.add_argument("--mlm_head_lr", type=float, default=1e-3, help="learning rate of the MLM head fit")
-    p.add_argument("--train_embeddings", action="store_true", help="also fine-tune the word-embedding matrix")
-    p.add_argument("--no_save", action="store_true", help="do not save the fine-tuned taggers")
-    args = p.parse_args(argv)
-    for flag in ("batch_size", "eval_batch_size", "epochs", "max_len", "log_every", "memory_per_lang",
-                 "memory_batch_size", "mlm_head_steps"):
-        if getattr(args, flag) < 1:
-            raise XltError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("train_sentences", "dev_sentences", "pud_sentences", "tatoeba_limit", "eval_every",
-                 "memory_eval_per_lang"):
-        if getattr(args, flag) < 0:
-            raise XltError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if not 0 < args.mlm_prob < 1:
-        raise XltError(f"--mlm_prob must be in (0, 1), got {args.mlm_prob}")
-    langs = [lang.strip() for lang in args.langs.split(",") if lang.strip()]
-    bad = [lang for lang in langs if lang not in LANGS]
-    if not langs or bad:
-        raise XltError(f"--langs: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(LANGS)}")
-    args.langs = ",".join(langs)
-    return args
-
-
-def subsample(items, n, seed):
-    """n items drawn without replacement (in their original order), or all of them when n is 0 or too big."""
-    if not n or n >= len(items):
-        return list(items)
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
-    return [items[i] for i in keep]
+def measure(enc, head, tok, langs, held_out, vocab, args, device):
+    """One results row (last-layer Tatoeba, zero-shot POS with a head, masked LM on the fixed held-out
+    batches) and the per-layer Tatoeba curves {lang: [xx->en % per hidden state]}."""
+    ret = evaluate.tatoeba(enc, tok, args.data_dir, [data.tatoeba_code(lang) for lang in langs], device, per_layer=True,
+                           limit=args.eval_limit, prefix=evaluate.resolve_prefix(args.prefix, args.model))
+    curves = {lang: ret[data.tatoeba_code(lang)]["per_layer"] for lang in langs}
+    row = {f"tatoeba {lang}": c[-1] for lang, c in curves.items()}
+    row["tatoeba avg"] = statistics.fmean(c[-1] for c in curves.values())
+    if head is not None:
+        pos = evaluate.pos_scores(enc, head, tok, args.data_dir, ["en"] + [data.pud_code(lang) for lang in langs],
+                                  device, limit=args.eval_limit)
+        row.update({f"pos {k}": v for k, v in evaluate.with_averages(pos, "en").items()})
+    if held_out:                                    # how much of the previous task survives
+        vocab = vocab.to(device)
+        with model.evaluating(enc), model.autocast(device):
+            out = [(*model.mlm_loss(enc, data.to_device(b, device), vocab), len(b["targets"])) for b in held_out]
+        count = sum(n for *_, n in out)
+        row["mlm loss"] = sum(loss.item() * n for loss, _, n in out) / count
+        row["mlm accuracy"] = 100.0 * sum(correct.item() for _, correct, _ in out) / count
+    return row, curves
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.time()
-    model.set_seed(args.seed)
-    device = model.pick_device(args.device)
-    data_dir = data.resolve_data_dir(args.data_dir)
-    out_dir = Path(args.out_dir)
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    langs = args.langs.split(",")
-    pud_langs = ["en"] + [LANGS[lang][0] for lang in langs]
-    memory_langs = [lang.strip() for lang in args.memory_langs.split(",") if lang.strip()]
-    have = set(data.sib200_languages(data_dir))
-    if not memory_langs or any(lang not in have for lang in memory_langs):
-        raise XltError(f"--memory_langs: no SIB-200 language {', '.join(x for x in memory_langs if x not in have)}"
-                       f" (FLORES codes like eng_Latn)")
+    args, t0 = parse_args(argv), time.time()
+    langs = [lang.strip() for lang in (args.langs or ",".join(DEFAULT_LANGS)).split(",") if lang.strip()]
+    if not langs or any(lang not in PAIRED for lang in langs):
+        raise XltError(f"--langs: {','.join(x for x in langs if x not in PAIRED) or 'empty'}: choose FLORES-200 "
+                       f"codes of languages with a Tatoeba and a PUD set: {','.join(PAIRED)}")
+    device, methods = model.pick_device(args.device), list(METHODS) if args.method == "all" else [args.method]
+    memory_langs = evaluate.resolve_langs(args.memory_langs, "sib200", args.data_dir, flag="memory_langs")
 
-    # --- data -----------------------------------------------------------------------------------------
-    tok = data.load_tokenizer(args.checkpoint)
-    prefix = evaluate.resolve_prefix("auto", args.checkpoint)
-    train_sents = subsample(data.read_conllu(data.ud_ewt_file(data_dir, "train")), args.train_sentences, args.seed)
-    dev_sents = subsample(data.read_conllu(data.ud_ewt_file(data_dir, "dev")), args.dev_sentences, args.seed)
-    train = data.encode_tagged(tok, [s["words"] for s in train_sents], [s["upos"] for s in train_sents], args.max_len)
-    pud_files = data.ud_pud_files(data_dir)
-    pud = {code: data.read_conllu(pud_files[code])[:args.pud_sentences or None] for code in pud_langs}
-    tatoeba = {}
-    for lang in langs:
-        foreign, english = data.read_tatoeba(data_dir, lang)
-        n = args.tatoeba_limit or len(foreign)
-        tatoeba[lang] = (foreign[:n], english[:n])
-    enc = model.Encoder.from_pretrained(args.checkpoint, mlm_head=True).to(device)
-    # The memory (SIB-200 train) and held-out sentences to measure how much MLM survives (SIB-200 dev).
-    memory_examples = data.encode(tok, read_memory(data_dir, memory_langs, args.memory_per_lang), args.max_len)
-    held_examples = data.encode(tok, read_memory(data_dir, memory_langs, args.memory_eval_per_lang, "dev"),
-                                args.max_len) if args.memory_eval_per_lang else []
-    vocab = mlm_vocab([memory_examples, held_examples], tok, enc.config.vocab_size, args.mlm_vocab == "full")
-    memory = Memory(memory_examples, vocab, tok, enc.config.vocab_size, args.memory_batch_size, args.mlm_prob,
-                    args.seed)
-    held = Memory(held_examples, vocab, tok, enc.config.vocab_size, 32, args.mlm_prob, seed=1234)
-    held_out = [held.batch(list(range(i, min(i + 32, len(held_examples)))))
-                for i in range(0, len(held_examples), 32)]          # fixed masks, the same for every model
-    print(f"[continual] {args.checkpoint} on {device}; EWT train {len(train)} / dev {len(dev_sents)} sentences; "
-          f"memory {len(memory.examples)} sentences of {len(memory_langs)} languages (SIB-200 train), "
-          f"MLM softmax over {len(memory.vocab)} ids; Tatoeba {args.tatoeba_limit or 'all'} pairs x {len(langs)}; "
-          f"PUD {args.pud_sentences or 'all'} sentences x {len(pud_langs)}")
+    # Data: EWT train/dev, the memory (SIB-200 train) and held-out text to measure MLM (SIB-200 dev).
+    tok = data.load_tokenizer(args.model)
+    train, dev = (data.subset(data.read_conllu(data.ud_ewt_file(args.data_dir, split)), n)
+                  for split, n in (("train", args.limit), ("dev", args.eval_limit)))
+    train = data.encode_tagged(tok, [s["words"] for s in train], [s["upos"] for s in train], args.max_len)
+    sib = {split: data.encode(tok, [r["text"] for lang in memory_langs for r in
+                                    data.subset(data.read_sib200(args.data_dir, lang, split), n)], args.max_len)
+           for split, n in (("train", args.memory_per_lang), ("dev", args.memory_eval_per_lang)) if n}
+    sizes = {"EWT train": len(train), "EWT dev": len(dev), "memory": len(sib["train"]),
+             "held-out MLM": len(sib.get("dev", []))}
+    print(f"[continual] {args.model} on {device}; sentences: {sizes}; {len(memory_langs)} memory languages")
 
-    # --- the previous task's head ---------------------------------------------------------------------
-    mlm_info = {"source": "checkpoint"}
-    if not enc.checkpoint_has_mlm_head:
-        mlm_info = fit_mlm_head(enc, memory, args.mlm_head_steps, args.mlm_head_lr, device,
-                                mlm_head_cache(out_dir, args))
-        mlm_info["source"] = "fitted on the frozen encoder (the checkpoint has none)"
-    enc.requires_grad_(False)
+    per_seed, best_dev, details = {}, {}, {"sizes": sizes, "mlm_head": {}, "train": {}, "per_layer": {}}
+    for seed in args.seeds:
+        model.set_seed(seed)
+        enc = model.Encoder.from_pretrained(args.model, mlm_head=True, dropout=args.dropout).to(device)
+        if "freeze" in methods:
+            set_trainable(enc, "freeze", args.freeze_layers)          # checks --freeze_layers before training
+        if args.compile:
+            model.compile_blocks(enc)
+        V = enc.config.vocab_size
+        vocab = mlm_vocab(sib.values(), tok, V, args.mlm_vocab == "full")
+        memory = Memory(sib["train"], vocab, tok, V, args.memory_batch_size, args.mlm_prob, seed)
+        held_out = Memory(sib.get("dev", []), vocab, tok, V, 32, args.mlm_prob, seed=1234).batches()  # fixed masks
+        details["mlm_head"][seed] = mlm_head(enc, memory, args, seed, device)
+        enc.requires_grad_(False)
+        rows, curves, train_log = {}, {}, {}
+        rows["before"], curves["before"] = measure(enc, None, tok, langs, held_out, vocab, args, device)
+        pretrained = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+        for method in methods:                      # each method from the same pre-trained weights
+            t = time.time()
+            model.set_seed(seed)
+            enc.load_state_dict(pretrained)
+            memory.generator.manual_seed(seed)
+            head = model.TokenClassificationHead(enc.config.hidden_size, len(data.UPOS_TAGS),
+                                                 dropout=enc.config.hidden_dropout_prob).to(device)
+            info = finetune(enc, head, method, train, dev, memory, tok, args, device, seed)
+            rows[method], curves[method] = measure(enc, head, tok, langs, held_out, vocab, args, device)
+            rows[method]["dev"], names = info["dev"], info.pop("shared_names")
+            train_log[method] = {**info, "seconds_with_eval": round(time.time() - t, 1)}
+            if method == "gem":
+                details["gem_shared_parameter_names"] = names
+            if not args.no_save and info["dev"] > best_dev.get(method, -1.0):    # the seed best on EWT dev
+                best_dev[method] = info["dev"]
+                model.save_pretrained(enc, Path(args.out_dir) / method, tokenizer=tok, head=head,
+                                      extra={"xlt_continual": {"method": method, "seed": seed, "dev": info["dev"]}})
+            print(f"[continual] seed {seed} {method}: dev {info['dev']:.2f}, zero-shot PUD avg "
+                  f"{rows[method]['pos zero-shot avg']:.2f}, last-layer retrieval avg "
+                  f"{rows[method]['tatoeba avg']:.1f} ({time.time() - t:.0f} s)")
+        per_seed[seed] = rows
+        details["train"][seed], details["per_layer"][seed] = train_log, curves
+    return evaluate.write_results(args, "continual.py", PAPER, per_seed, report(per_seed, details, methods, held_out),
+                                  details, device, t0)
 
-    # --- before fine-tuning ---------------------------------------------------------------------------
-    results = {"config": vars(args), "device": str(device), "threads": torch.get_num_threads(),
-               "mlm_head": mlm_info, "retrieval": {}, "pos": {}, "dev": {},
-               "memory_mlm": {}, "train": {}}
-    t = time.time()
-    results["retrieval"]["before"] = retrieval_per_layer(enc, tok, tatoeba, device, prefix, args.eval_batch_size)
+
+def report(per_seed, details, methods, held_out):
+    """The README's tables: retrieval per hidden state (mean over languages), per language at the last
+    layer, zero-shot POS, and the held-out MLM; each cell a mean (± std) over seeds."""
+    mean, std = evaluate.mean_std(per_seed)
+    runs, seeds = ["before"] + methods, list(per_seed)
+
+    def table(prefix, rows, **kw):                  # the columns of one measurement, prefix stripped
+        def pick(d):
+            return {r: {k[len(prefix):]: v for k, v in d[r].items() if k.startswith(prefix)} for r in rows}
+        return evaluate.markdown_table(pick(mean), std=pick(std), averages=False, **kw)
+    curves = {r: {lang: [statistics.fmean(x) for x in zip(*(details["per_layer"][s][r][lang] for s in seeds))]
+                  for lang in details["per_layer"][seeds[0]][r]} for r in runs}      # mean over seeds
+    tables = ["Tatoeba xx->en top-1 per hidden state, mean over languages\n\n" + evaluate.per_layer_table(curves),
+              "Tatoeba xx->en top-1 at the last layer, per language\n\n" + table("tatoeba ", runs),
+              "Zero-shot UPOS accuracy on UD PUD (en = the training language)\n\n" + table("pos ", methods)]
     if held_out:
-        results["memory_mlm"]["before"] = memory_mlm_score(enc, held_out, memory.vocab, device)
-    print(f"[continual] before fine-tuning: retrieval measured in {time.time() - t:.0f} s")
-    pretrained = {k: v.detach().clone() for k, v in enc.state_dict().items()}
-
-    # --- each method from the same pre-trained weights -----------------------------------------------
-    for method in methods:
-        t = time.time()
-        model.set_seed(args.seed)
-        enc.load_state_dict(pretrained)
-        memory.generator.manual_seed(args.seed)
-        head = model.TokenClassificationHead(enc.config.hidden_size, len(data.UPOS_TAGS)).to(device)
-        info = finetune(enc, head, method, train, dev_sents, memory, tok, args, device)
-        train_seconds = time.time() - t
-        results["dev"][method] = info["dev"]
-        results["pos"][method] = pos_eval(enc, head, tok, pud, device, args.eval_batch_size)
-        results["retrieval"][method] = retrieval_per_layer(enc, tok, tatoeba, device, prefix, args.eval_batch_size)
-        if held_out:
-            results["memory_mlm"][method] = memory_mlm_score(enc, held_out, memory.vocab, device)
-        results["train"][method] = {k: info[k] for k in ("steps", "projected_steps", "mean_cos_g_gref",
-                                                           "shared_parameters", "history")}
-        results["train"][method].update(seconds=round(train_seconds, 1), seconds_with_eval=round(time.time() - t, 1))
-        if method == "gem":
-            results["shared_parameter_names"] = info["shared_names"]
-        if not args.no_save:
-            model.save_pretrained(enc, out_dir / method, tokenizer=tok, head=head,
-                                  extra={"xlt_continual": {"method": method, "dev_upos": round(info["dev"], 2)}})
-        print(f"[continual] {method}: dev {info['dev']:.2f}, zero-shot PUD avg "
-              f"{np.mean([v for k, v in results['pos'][method].items() if k != 'en']):.2f}, "
-              f"last-layer retrieval avg {np.mean([v[-1] for v in results['retrieval'][method].values()]):.1f} "
-              f"({time.time() - t:.0f} s)")
-
-    # --- report ---------------------------------------------------------------------------------------
-    results["seconds"] = round(time.time() - t0, 1)
-    tables = report(results, langs)
-    results["tables"] = tables
-    evaluate.write_json(out_dir / "results.json", results)
-    (out_dir / "results.md").write_text("\n\n".join(tables.values()) + "\n", encoding="utf-8")
-    print(f"[continual] wrote {out_dir / 'results.json'} and results.md ({results['seconds']:.0f} s)")
-    return results
-
-
-def report(results, langs):
-    """The markdown tables, printed and returned: retrieval per layer (mean over languages), retrieval per
-    language at the last layer, zero-shot POS per language, and the memory's MLM before/after."""
-    rows = ["before"] + [m for m in METHODS if m in results["pos"]]
-    ret = results["retrieval"]
-    n_states = len(next(iter(ret["before"].values())))
-    per_layer = {r: {("emb" if i == 0 else f"L{i}"): float(np.mean([ret[r][lang][i] for lang in langs]))
-                     for i in range(n_states)} for r in rows}
-    last = {r: {lang: ret[r][lang][-1] for lang in langs} for r in rows}
-    tables = {
-        "retrieval_per_layer": "Tatoeba xx->en top-1 per hidden state, mean over languages "
-                               "(avg = mean over hidden states)\n\n" + evaluate.markdown_table(per_layer),
-        "retrieval_last_layer": "Tatoeba xx->en top-1 at the last layer, per language\n\n"
-                                + evaluate.markdown_table(last),
-        "pos": "Zero-shot UPOS accuracy on UD PUD (en = the training language)\n\n"
-               + evaluate.markdown_table({m: results["pos"][m] for m in rows[1:]}, train_lang="en"),
-    }
-    if results["memory_mlm"]:
-        mm = results["memory_mlm"]
-        tables["memory_mlm"] = ("Masked LM on held-out SIB-200 dev sentences of the memory languages\n\n"
-                                "| model | MLM loss | MLM accuracy |\n|---|---:|---:|\n"
-                                + "\n".join(f"| {r} | {mm[r][0]:.3f} | {mm[r][1]:.1f} |" for r in rows if r in mm))
-    for table in tables.values():
-        print("\n" + table)
+        tables.append("Masked LM on held-out SIB-200 dev sentences of the memory languages\n\n"
+                      + table("mlm ", runs, digits=3, row_name="model"))
     return tables
 
 
+def parse_args(argv=None):
+    p = evaluate.add_common_args(
+        evaluate.parser(__doc__), out_dir="out/continual", epochs=1, batch_size=16, lr=1e-4, max_len=64,
+        log_every=20, seeds=(0,), eval_limit=200,
+        langs_help=f"evaluation languages, FLORES-200 codes of languages with a Tatoeba and a UD PUD set "
+                   f"({','.join(PAIRED)}; default: {','.join(DEFAULT_LANGS)})",
+        limit_help="EWT training sentences, evenly spaced (of 12,544)")
+    p.set_defaults(limit=2000)
+    p.add_argument("--model", default="intfloat/multilingual-e5-small", help="encoder (hub name or dir)")
+    p.add_argument("--method", default="all", choices=METHODS + ("all",), help="one method, or all four")
+    p.add_argument("--eval_every", type=evaluate.nonneg_int, default=50, help="steps between EWT-dev "
+                   "evaluations (model selection; also after the last step); 0 = once per epoch")
+    p.add_argument("--freeze_layers", type=evaluate.nonneg_int, default=6, help="freeze: bottom blocks frozen")
+    p.add_argument("--mlm_weight", type=evaluate.nonneg_float, default=1.0, help="multitask: the lambda of MLM")
+    p.add_argument("--memory_langs", default=",".join(["eng_Latn"] + PAIRED), help="SIB-200 languages of the memory")
+    p.add_argument("--memory_per_lang", type=evaluate.positive_int, default=100, help="memory sentences per language")
+    p.add_argument("--memory_batch_size", type=evaluate.positive_int, default=8, help="memory sentences per MLM step")
+    p.add_argument("--memory_eval_per_lang", type=evaluate.nonneg_int, default=8, help="SIB-200 dev sentences "
+                   "per memory language to measure MLM before/after (evenly spaced; 0 = skip)")
+    p.add_argument("--mlm_prob", type=evaluate.fraction, default=0.15, help="fraction of tokens masked for MLM")
+    p.add_argument("--mlm_vocab", default="memory", choices=("memory", "full"), help="MLM softmax over the ids of "
+                   "the memory and held-out text (cheap) or over all ids")
+    p.add_argument("--mlm_head_steps", type=evaluate.positive_int, default=500, help="steps (of 64 masked tokens) "
+                   "to fit an MLM head where the checkpoint has none")
+    p.add_argument("--mlm_head_lr", type=evaluate.positive_float, default=1e-3, help="lr of the MLM head fit")
+    return evaluate.parse(p, argv)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except XltError as e:
-        sys.exit(f"error: {e}")
+    evaluate.cli(main)

@@ -119,7 +119,7 @@ def _gem_setup(method="gem", freeze_layers=2):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
     def memory_loss():
-        return continual.mlm_loss(enc, mem, vocab)[0]
+        return model.mlm_loss(enc, mem, vocab)[0]
     return enc, head, task_loss, memory_loss
 
 
@@ -200,7 +200,7 @@ def test_memory_batches(tiny_checkpoint):
     unmasked[b["positions"]] = False
     assert torch.equal(b["input_ids"].view(-1)[unmasked], orig[unmasked])
     small = continual.Memory(examples, vocab[:3], tok, vocab_size, batch_size=3, prob=0.9, seed=0)
-    with pytest.raises(model.XltError, match="outside the MLM vocabulary"):
+    with pytest.raises(model.XltError, match="outside the restricted MLM vocabulary"):
         small.batch([0, 1, 2])
 
 
@@ -214,8 +214,10 @@ def test_fit_mlm_head_learns_caches_and_leaves_the_encoder_alone(tiny_checkpoint
     examples = data.encode(tok, ["the first one was new", "le chat est la", "der hund ist nicht da", "it is a"] * 4, 32)
     vocab = continual.mlm_vocab([examples], tok, enc.config.vocab_size)
     mem = continual.Memory(examples, vocab, tok, enc.config.vocab_size, 8, 0.3, seed=0)
-    cache = tmp_path / "cache" / "head.safetensors"
-    info = continual.fit_mlm_head(enc, mem, 60, 1e-2, torch.device("cpu"), cache)
+    args = continual.parse_args(["--model", str(path), "--out_dir", str(tmp_path / "out"), "--mlm_head_steps", "60",
+                                 "--mlm_head_lr", "1e-2"])
+    info = continual.mlm_head(enc, mem, args, 0, torch.device("cpu"))
+    cache = Path(info["cache"])
     assert not info["loaded"] and cache.is_file() and "fitted" in capsys.readouterr().out
     assert info["loss"] < math.log(len(vocab)) - 0.3                # better than uniform over the vocabulary
     for k, v in enc.state_dict().items():
@@ -224,10 +226,11 @@ def test_fit_mlm_head_learns_caches_and_leaves_the_encoder_alone(tiny_checkpoint
     assert all(not p.requires_grad for p in enc.parameters())
     fitted = {k: v.clone() for k, v in enc.mlm.state_dict().items()}
     enc2 = model.Encoder.from_pretrained(path, mlm_head=True)
-    info2 = continual.fit_mlm_head(enc2, mem, 60, 1e-2, torch.device("cpu"), cache)
-    assert info2["loaded"] and "loaded" in capsys.readouterr().out
+    info2 = continual.mlm_head(enc2, mem, args, 0, torch.device("cpu"))
+    assert info2["loaded"] and info2["cache"] == info["cache"] and "loaded" in capsys.readouterr().out
     for k, v in enc2.mlm.state_dict().items():
         assert torch.equal(v, fitted[k])
+    assert continual.mlm_head(enc2, mem, args, 1, torch.device("cpu"))["cache"] != info["cache"]  # keyed by seed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,38 +297,49 @@ def test_gem_finetune_counts_projections(tiny_checkpoint):
 def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path):
     ckpt = tiny_checkpoint(mlm_head=False, hidden=32, layers=2)
     out = tmp_path / "out"
-    argv = ["--method", "all", "--checkpoint", str(ckpt), "--data_dir", str(data_dir), "--out_dir", str(out),
-            "--langs", "deu,fra", "--train_sentences", "16", "--dev_sentences", "8", "--pud_sentences", "4",
-            "--tatoeba_limit", "8", "--memory_langs", "eng_Latn,deu_Latn", "--memory_per_lang", "4",
-            "--memory_eval_per_lang", "2", "--mlm_head_steps", "3", "--batch_size", "8", "--max_len", "32",
-            "--freeze_layers", "1"]
+    argv = ["--method", "all", "--model", str(ckpt), "--data_dir", str(data_dir), "--out_dir", str(out),
+            "--langs", "deu_Latn,fra_Latn", "--limit", "16", "--eval_limit", "8", "--memory_langs",
+            "eng_Latn,deu_Latn", "--memory_per_lang", "4", "--memory_eval_per_lang", "2", "--mlm_head_steps", "3",
+            "--batch_size", "8", "--max_len", "32", "--freeze_layers", "1", "--seeds", "0"]
     res = continual.main(argv)
     saved = json.loads((out / "results.json").read_text())
+    assert {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds",
+            "details"} <= set(saved)
+    assert saved["script"] == "continual.py" and saved["seeds"] == [0]
     assert saved["config"]["method"] == "all" and saved["seconds"] > 0
-    assert list(saved["retrieval"]) == ["before", "naive", "freeze", "multitask", "gem"]
-    for row in saved["retrieval"].values():
-        assert set(row) == {"deu", "fra"} and all(len(v) == 3 and all(0 <= x <= 100 for x in v) for v in row.values())
+    runs, details = saved["results"]["0"], saved["details"]
+    assert list(runs) == ["before", "naive", "freeze", "multitask", "gem"] == list(saved["mean"])
+    curves = details["per_layer"]["0"]
+    for row in curves.values():
+        assert set(row) == {"deu_Latn", "fra_Latn"}
+        assert all(len(v) == 3 and all(0 <= x <= 100 for x in v) for v in row.values())
     # freeze keeps embeddings + block 1: its retrieval up to layer 1 equals the pre-trained one exactly
-    for lang in ("deu", "fra"):
-        assert saved["retrieval"]["freeze"][lang][:2] == saved["retrieval"]["before"][lang][:2]
-    assert set(saved["pos"]) == {"naive", "freeze", "multitask", "gem"}
-    assert all(set(v) == {"en", "de", "fr"} for v in saved["pos"].values())
-    assert saved["mlm_head"]["loaded"] is False and Path(saved["mlm_head"]["cache"]).is_file()
-    assert isinstance(saved["train"]["gem"]["projected_steps"], int)
-    assert set(saved["memory_mlm"]) == {"before", "naive", "freeze", "multitask", "gem"}
-    assert "embed.word.weight" not in saved["shared_parameter_names"]
-    assert "| gem |" in (out / "results.md").read_text()
+    for lang in ("deu_Latn", "fra_Latn"):
+        assert curves["freeze"][lang][:2] == curves["before"][lang][:2]
+        assert runs["gem"][f"tatoeba {lang}"] == curves["gem"][lang][-1]
+    assert not any(k.startswith("pos ") for k in runs["before"])
+    for method in ("naive", "freeze", "multitask", "gem"):
+        assert {"pos en", "pos de", "pos fr", "pos avg", "pos zero-shot avg", "dev", "tatoeba avg"} <= set(runs[method])
+    assert all({"mlm loss", "mlm accuracy"} <= set(row) for row in runs.values())
+    head_info = details["mlm_head"]["0"]
+    assert head_info["loaded"] is False and Path(head_info["cache"]).is_file()
+    assert isinstance(details["train"]["0"]["gem"]["projected_steps"], int)
+    assert "embed.word.weight" not in details["gem_shared_parameter_names"]
+    md = (out / "results.md").read_text()
+    assert "| gem |" in md and "| layer 2 |" in md and "zero-shot avg" in md
     enc, head, cfg = model.load_with_head(out / "gem")
     assert cfg["xlt_continual"]["method"] == "gem" and head.num_labels == len(data.UPOS_TAGS)
-    assert res["dev"]["gem"] == saved["dev"]["gem"]
-    again = continual.main(["--method", "gem"] + argv[2:] + ["--no_save"])   # the fitted head comes from the cache
-    assert again["mlm_head"]["loaded"] is True and list(again["pos"]) == ["gem"]
+    assert res["results"]["0"]["gem"]["dev"] == runs["gem"]["dev"]
+    continual.main(["--method", "gem"] + argv[2:] + ["--no_save"])   # the fitted head comes from the cache
+    again = json.loads((out / "results.json").read_text())
+    assert again["details"]["mlm_head"]["0"]["loaded"] is True and list(again["results"]["0"]) == ["before", "gem"]
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
-    for argv, msg in [(["--langs", "deu,xxx"], "--langs"), (["--batch_size", "0"], "--batch_size"),
-                      (["--mlm_prob", "1.5"], "--mlm_prob")]:
-        with pytest.raises(model.XltError, match=msg):
+    with pytest.raises(model.XltError, match="--langs"):
+        continual.main(["--langs", "deu_Latn,xxx", "--out_dir", str(tmp_path)])
+    for argv in (["--batch_size", "0"], ["--mlm_prob", "1.5"]):
+        with pytest.raises(SystemExit):
             continual.parse_args(argv)
     r = subprocess.run([sys.executable, str(REPO / "continual.py"), "--langs", "klingon", "--out_dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO)
