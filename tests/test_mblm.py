@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+import data
 import mblm
+import model
 from model import Config, Encoder, XltError
 
 LANGS = ["eng_Latn", "fra_Latn", "deu_Latn"]
@@ -33,6 +35,27 @@ def batch(B=4, T=6, seed=1):
     mask[0, 4:] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
             "label": torch.randint(0, 7, (B,), generator=g), "teacher_logits": torch.randn(B, 7, generator=g)}
+
+
+def load_mblm(out_dir):
+    """(MBLM, tokenizer) from mblm.save_mblm's output: the shared bottom and head from the first directory,
+    branch j from the top blocks of directory j (whose bottom must equal the first one's)."""
+    meta = json.loads((out_dir / "mblm.json").read_text())
+    k, dirs = meta["branch_layers"], meta["dirs"]
+    loaded = [model.load_with_head(out_dir / d)[:2] for d in dirs]
+    L = loaded[0][0].config.num_hidden_layers
+    tops = [enc.layers[L - k:] for enc, _ in loaded]      # before MBLM() takes the first encoder's top off
+    bottom = {n: v for n, v in loaded[0][0].state_dict().items() if not n.startswith("layers.") or
+              int(n.split(".")[1]) < L - k}
+    for enc, _ in loaded[1:]:
+        sd = enc.state_dict()
+        assert all(torch.equal(v, sd[n]) for n, v in bottom.items()), "the branches' shared bottoms differ"
+    head = loaded[0][1]
+    m = mblm.MBLM(loaded[0][0], meta["langs"], k, head.num_labels, head.pooling)
+    m.head = head
+    for branch, top in zip(m.branches, tops):
+        branch.load_state_dict(top.state_dict())
+    return m, data.load_tokenizer(out_dir / dirs[0])
 
 
 def grads(module):
@@ -223,7 +246,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(LANGS + ["mblm.json"])
     cfg = json.loads((tmp_path / "out" / "fra_Latn" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3 and cfg["mblm"]["branch"] == "fra_Latn"
-    m2, _ = mblm.load_mblm(tmp_path / "out")
+    m2, _ = load_mblm(tmp_path / "out")
     m2.eval()
     b = batch()
     with torch.no_grad():
@@ -231,40 +254,57 @@ def test_save_and_load_round_trip(tmp_path):
             torch.testing.assert_close(m2(b, lang), m(b, lang))
 
 
-def test_bad_arguments():
+def test_bad_arguments(data_dir):
     assert mblm.parse_teachers("eng_Latn=a, fra_Latn=b/c") == {"eng_Latn": "a", "fra_Latn": "b/c"}
     for bad in ["eng_Latn", "eng_Latn=", "=x", "eng_Latn=a,eng_Latn=b"]:
         with pytest.raises(XltError):
             mblm.parse_teachers(bad)
     with pytest.raises(XltError, match="train_layers"):
-        mblm.get_args(["--train_layers", "1", "--branch_layers", "2"])
-    with pytest.raises(XltError, match="alpha"):
-        mblm.get_args(["--alpha", "1.5"])
+        mblm.main(["--train_layers", "1", "--branch_layers", "2"])
+    for flags in (["--alpha", "1.5"], ["--variants", "mblm", "bogus"], ["--mixture", "softmax"]):
+        with pytest.raises(SystemExit):           # argparse's types and choices
+            mblm.main(flags)
+    # --langs: the test languages; empty, or leaving out a supervised language, fails before any loading.
+    for langs, msg in (("", "empty"), ("deu_Latn,swh_Latn", "missing eng_Latn"), ("eng_Latn,xyz_Latn", "xyz")):
+        with pytest.raises(XltError, match=msg):
+            mblm.main(["--data_dir", str(data_dir), "--langs", langs, "--student", "/nonexistent"])
+    with pytest.raises(XltError, match="two languages"):
+        mblm.main(["--data_dir", str(data_dir), "--teachers", "eng_Latn=/nonexistent", "--variants", "mblm"])
 
 
 def test_end_to_end(tiny_checkpoint, data_dir, tmp_path):
-    """main() on tiny random models: one plain teacher (fine-tuned here) and one saved classifier (used as is)."""
+    """main() on tiny random models, two seeds: one plain teacher (fine-tuned here) and one saved
+    classifier (used as is)."""
     student = tiny_checkpoint("student", layers=3, seed=0)
     plain = tiny_checkpoint("teacher_en", layers=2, seed=1)
     clf_src = tiny_checkpoint("teacher_fr", layers=2, seed=2, model_type="roberta")
-    import data
     from model import ClassificationHead, save_pretrained
     enc = Encoder.from_pretrained(clf_src)
     save_pretrained(enc, tmp_path / "clf_fr", tokenizer=data.load_tokenizer(clf_src), head=ClassificationHead(32, 7))
     out = tmp_path / "out"
-    results = mblm.main(["--data_dir", str(data_dir), "--student", str(student),
-                         "--teachers", f"eng_Latn={plain},fra_Latn={tmp_path / 'clf_fr'}",
-                         "--langs", "eng_Latn,fra_Latn,deu_Latn,zho_Hans", "--limit", "12", "--epochs", "2",
-                         "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2", "--batch_size", "4",
-                         "--out_dir", str(out), "--mixture", "random"])
-    assert list(results) == list(mblm.VARIANTS)
-    r = json.loads((out / "results.json").read_text())
-    assert r["supervised"] == ["eng_Latn", "fra_Latn"] and r["zero_shot"] == ["deu_Latn", "zho_Hans"]
-    assert r["teachers"]["eng_Latn"]["fine_tuned_here"] and not r["teachers"]["fra_Latn"]["fine_tuned_here"]
-    for name, v in r["results"].items():
-        assert set(v["scores"]) == {"eng_Latn", "fra_Latn", "deu_Latn", "zho_Hans"}
-        assert 0 <= v["supervised_avg"] <= 100 and 0 <= v["zero_shot_avg"] <= 100
-        assert len(v["history"]) == 2
-    assert r["config"]["mixture"] == "random" and r["seconds"] > 0 and "| MBLM (full) |" in r["table"]
-    m, _ = mblm.load_mblm(out / "mblm")
+    r = mblm.main(["--data_dir", str(data_dir), "--student", str(student),
+                   "--teachers", f"eng_Latn={plain},fra_Latn={tmp_path / 'clf_fr'}",
+                   "--langs", "eng_Latn,fra_Latn,deu_Latn,zho_Hans", "--limit", "12", "--eval_limit", "10",
+                   "--epochs", "2", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2",
+                   "--batch_size", "4", "--out_dir", str(out), "--mixture", "random", "--seeds", "0", "1"])
+    assert r == json.loads((out / "results.json").read_text())
+    assert set(r) == {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware",
+                      "seconds", "details"}
+    assert r["script"] == "mblm.py" and r["seeds"] == [0, 1] and r["seconds"] > 0
+    assert r["details"]["supervised"] == ["eng_Latn", "fra_Latn"]
+    assert r["details"]["zero_shot"] == ["deu_Latn", "zho_Hans"]
+    for seed in ("0", "1"):
+        rows, logs = r["results"][seed], r["details"]["seeds"][seed]
+        assert list(rows) == ["teachers"] + list(mblm.VARIANTS)
+        assert set(rows["teachers"]) == {"eng_Latn", "fra_Latn", "supervised avg"}
+        assert logs["teachers"]["eng_Latn"]["fine_tuned_here"] and not logs["teachers"]["fra_Latn"]["fine_tuned_here"]
+        for name in mblm.VARIANTS:
+            assert set(rows[name]) == {"eng_Latn", "fra_Latn", "deu_Latn", "zho_Hans", "supervised avg",
+                                       "zero-shot avg"}
+            assert 0 <= rows[name]["supervised avg"] <= 100 and 0 <= rows[name]["zero-shot avg"] <= 100
+            assert len(logs[name]["dev"]) == 2 and logs[name]["best_epoch"] in (1, 2)
+    assert r["std"]["mblm"]["eng_Latn"] is not None and r["config"]["mixture"] == "random"
+    md = (out / "results.md").read_text()
+    assert "| MBLM (full) |" in md and "± " in md and "| teachers (each on its own language) |" in md
+    m, _ = load_mblm(out / "mblm")
     assert m.langs == ["eng_Latn", "fra_Latn"] and len(m.branches) == 2
