@@ -1,6 +1,6 @@
 """Tests of transfer.py (RAMEN): IBM Model 1 and the symmetrisation by hand and on a synthetic bitext, the
 initialisation formula, the foreign vocabulary's special ids, Stage A's frozen encoder, the embedding
-swap, the corpus filter, and one end-to-end run on tiny checkpoints.
+swap, the corpus filter, and end-to-end runs on tiny checkpoints (one language; two languages x two seeds).
 
 Run: XLT_DATA=/work/shared/data OMP_NUM_THREADS=1 python -m pytest -q tests/test_transfer.py
 """
@@ -161,7 +161,8 @@ def test_foreign_vocabulary_moves_specials_whose_english_id_is_too_large(tmp_pat
     sp = data.special_ids(tok)
     assert (sp["pad"], sp["unk"], sp["cls"], sp["sep"]) == (0, 1, 2, 3)
     assert sp["mask"] == tok.get_vocab_size() - 1
-    assert (tok.get_vocab_size() - 1, 500) in transfer.special_pairs(eng, tok)
+    e, f = data.special_ids(eng), data.special_ids(tok)
+    assert (tok.get_vocab_size() - 1, 500) in [(f[r], e[r]) for r in e]          # the specials RAMEN copies across
 
 
 def tiny_setup(tiny_checkpoint, seed=0):
@@ -170,7 +171,7 @@ def tiny_setup(tiny_checkpoint, seed=0):
     tok = data.load_tokenizer(path)
     vocab_e = transfer.Vocab.of(enc)
     texts = ["the cat is on the mat .", "he was not in the city .", "der hund ist nicht da ."] * 10
-    E_f, b_f = transfer.ramen_init(enc.embed.word.weight, enc.mlm.bias, None, transfer.special_pairs(tok, tok),
+    E_f, b_f = transfer.ramen_init(enc.embed.word.weight, enc.mlm.bias, None, [(i, i) for i in data.special_ids(tok).values()],
                                    tok.get_vocab_size() + 7, torch.Generator().manual_seed(seed))
     vocab_f = transfer.Vocab.new(E_f, b_f)
     examples = data.encode(tok, texts, 32)
@@ -241,10 +242,10 @@ def test_mlm_batches_mask_only_real_tokens(tiny_checkpoint):
     enc, tok, _, _, examples = tiny_setup(tiny_checkpoint)
     b = next(transfer.mlm_batches(examples, tok, 8, 0))
     flat_mask = b["attention_mask"].view(-1)
-    assert (flat_mask[b["where"]] == 1).all()
+    assert (flat_mask[b["positions"]] == 1).all()
     sp = set(data.special_ids(tok).values())
     assert not any(int(t) in sp for t in b["targets"])
-    loss = transfer.mlm_loss(enc, b)
+    loss, _ = model.mlm_loss(enc, b)
     assert loss.item() == pytest.approx(np.log(tok.get_vocab_size()), rel=0.3)   # random head: ~uniform
 
 
@@ -257,57 +258,91 @@ def test_corpora_never_contain_scored_test_sentences(data_dir, tmp_path):
     test_en = data.read_sib200(data_dir, "eng_Latn", "test")[0]["text"]
     par = tmp_path / "par.tsv"
     par.write_text(f"Hello there.\tHallo.\n{test_en}\tirgendwas\nsomething\t{test_de}\nThanks.\tDanke.\n")
-    args = argparse.Namespace(parallel=str(par), mono=None, data_dir=str(data_dir), lang="deu_Latn",
-                              max_sentences=None)
-    bitext, foreign, english, _ = transfer.assemble_corpora(args)
+    args = argparse.Namespace(parallel=str(par), mono=None, data_dir=str(data_dir), limit=None)
+    bitext, foreign, english, _ = transfer.corpora(args, "deu_Latn")
     assert bitext == [("Hello there.", "Hallo."), ("Thanks.", "Danke.")]
     assert test_de not in foreign and test_en not in english
+    assert english[:2] == ["Hello there.", "Thanks."] and "Hallo." not in english     # the bitext's English side
     # --mono text: stripped, blank lines dropped, scored sentences removed; the bitext's foreign side first
     mono = tmp_path / "mono.txt"
     mono.write_text(f"  Guten Tag.  \n\n{test_de}\nDanke.\n")
     args.mono = str(mono)
-    assert transfer.assemble_corpora(args)[1] == ["Hallo.", "Danke.", "Guten Tag."]
+    assert transfer.corpora(args, "deu_Latn")[1] == ["Hallo.", "Danke.", "Guten Tag."]
     args.mono = None
     # the built-in corpora for German: SIB-200 train+dev, Tatoeba and PUD
     args.parallel = None
-    bitext, foreign, english, sources = transfer.assemble_corpora(args)
-    assert len(sources) == 3 and len(bitext) > 2500
+    bitext, foreign, english, sources = transfer.corpora(args, "deu_Latn")
+    assert len(sources) == 3 and len(bitext) > 2500 and all(sources.values())
     scored = {r["text"] for r in data.read_sib200(data_dir, "deu_Latn", "test")}
     assert not scored & set(foreign)
+    # --limit: evenly spaced pairs (data.subset), not the first ones (SIB-200 train+dev come first)
+    args.limit = 10
+    assert transfer.corpora(args, "deu_Latn")[0] == data.subset(bitext, 10)
 
 
 def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
-    with pytest.raises(XltError, match="--lang xyz_Latn"):
-        transfer.main(["--lang", "xyz_Latn", "--data_dir", str(data_dir)])
+    with pytest.raises(XltError, match="--langs: sib200 has no language xyz_Latn"):
+        transfer.main(["--langs", "xyz_Latn", "--data_dir", str(data_dir)])
     with pytest.raises(XltError, match="foreign language"):
-        transfer.main(["--lang", "eng_Latn", "--data_dir", str(data_dir)])
+        transfer.main(["--langs", "eng_Latn", "--data_dir", str(data_dir)])
     bad = tmp_path / "bad.tsv"
     bad.write_text("only one column\n")
     with pytest.raises(DataError, match="bad.tsv line 1"):
         transfer.main(["--parallel", str(bad), "--data_dir", str(data_dir)])
+    with pytest.raises(XltError, match="--parallel/--mono hold one language"):
+        transfer.main(["--parallel", str(bad), "--langs", "deu_Latn,fra_Latn", "--data_dir", str(data_dir)])
+    with pytest.raises(SystemExit):                                       # argparse: a range, not a block of ifs
+        transfer.main(["--vocab_size", "0", "--data_dir", str(data_dir)])
+
+
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
 
 
 def test_end_to_end_on_tiny_models(data_dir, tiny_checkpoint, tmp_path):
     eng = tiny_checkpoint("eng", mlm_head=False)         # no MLM head: exercises Stage 0 as for MiniLM
     ref = tiny_checkpoint("ref", seed=1, mlm_head=False)
     out = tmp_path / "out"
-    scores = transfer.main(["--model", str(eng), "--reference", str(ref), "--out_dir", str(out),
-                            "--data_dir", str(data_dir), "--lang", "fra_Latn", "--vocab_size", "300",
-                            "--head_steps", "2", "--stage_a_steps", "3", "--stage_b_steps", "2", "--epochs", "1",
-                            "--max_sentences", "150", "--max_train", "48", "--batch_size", "16"])
-    res = json.loads((out / "results.json").read_text())
+    res = transfer.main(["--model", str(eng), "--reference", str(ref), "--out_dir", str(out), "--data_dir",
+                         str(data_dir), "--langs", "fra_Latn", "--vocab_size", "300", "--mlm_head_steps", "2",
+                         "--stage_a_steps", "3", "--stage_b_steps", "2", "--epochs", "1", "--limit", "150",
+                         "--eval_limit", "60", "--batch_size", "16"])
+    assert set(json.loads((out / "results.json").read_text())) == SCHEMA and (out / "results.md").is_file()
+    scores = res["results"]["0"]
     rows = ["RAMEN init", "random init", "English model, no transfer", f"{ref} (reference)"]
-    assert list(res["scores"]) == rows and all(set(r) == {"eng_Latn", "fra_Latn"} for r in res["scores"].values())
-    assert res["config"]["lang"] == "fra_Latn" and res["seconds"] > 0 and res["mlm_head_initialised"]
-    assert set(res["mlm_losses"]) == {"stage_0", "ramen", "random"}
-    assert res["alignment"]["covered"] > 0 and res["corpora"]["bitext_pairs"] == 150
+    assert list(scores) == rows and all(set(r) == {"eng_Latn", "fra_Latn", "avg", "zero-shot avg"}
+                                        for r in scores.values())
+    assert res["config"]["langs"] == "fra_Latn" and res["seconds"] > 0 and res["script"] == "transfer.py"
+    run = res["details"]["runs"]["fra_Latn, seed 0"]
+    assert set(run) >= {"stage_0", "ramen", "random"} and run["stage_0"]["steps"] == 2
+    assert len(run["ramen"]["stage_a"]) == 1 and run["ramen fine-tune"]["eng_Latn"] == scores["RAMEN init"]["eng_Latn"]
+    assert res["details"]["alignment"]["fra_Latn"]["covered"] > 0
+    corpora = res["details"]["corpora"]["fra_Latn"]
+    assert corpora["bitext_pairs"] == 150
     # the saved foreign model: our encoder with the foreign vocabulary, loadable by model.py / data.py
     fx = model.Encoder.from_pretrained(out / "fra_Latn", mlm_head=True, verbose=False)
     fx_tok = data.load_tokenizer(out / "fra_Latn")
-    assert fx.config.vocab_size == fx_tok.get_vocab_size() == res["foreign_vocab_size"]
+    assert fx.config.vocab_size == fx_tok.get_vocab_size() == corpora["foreign_vocab_size"]
     # the saved classifier reproduces the zero-shot score of the table
     enc, head, cfg = model.load_with_head(out / "fra_Latn-classifier")
     tok = data.load_tokenizer(out / "fra_Latn-classifier")
-    acc = evaluate.sib200_scores(enc, head, tok, data_dir, ["fra_Latn"], torch.device("cpu"))["fra_Latn"]
+    acc = evaluate.sib200_scores(enc, head, tok, data_dir, ["fra_Latn"], torch.device("cpu"), limit=60)["fra_Latn"]
     assert acc == pytest.approx(scores["RAMEN init"]["fra_Latn"])
     assert cfg["xlt_transfer"]["lang"] == "fra_Latn"
+
+
+def test_two_languages_and_two_seeds(data_dir, tiny_checkpoint, tmp_path):
+    eng = tiny_checkpoint("eng")                         # with an MLM head: no Stage 0
+    out = tmp_path / "out"
+    res = transfer.main(["--model", str(eng), "--reference", str(eng), "--out_dir", str(out), "--data_dir",
+                         str(data_dir), "--langs", "fra_Latn,deu_Latn", "--seeds", "0", "1", "--vocab_size", "200",
+                         "--stage_a_steps", "1", "--stage_b_steps", "1", "--epochs", "1", "--limit", "40",
+                         "--eval_limit", "20", "--batch_size", "16", "--no_save"])
+    assert not any(out.glob("*_Latn*")) and res["seeds"] == [0, 1]
+    for seed in ("0", "1"):
+        runs = res["details"]["runs"]
+        assert "stage_0" not in runs[f"fra_Latn, seed {seed}"]
+        row = res["results"][seed]["RAMEN init"]
+        assert list(row) == ["eng_Latn", "fra_Latn", "deu_Latn", "avg", "zero-shot avg"]
+        english = [runs[f"{lang}, seed {seed}"]["ramen fine-tune"]["eng_Latn"] for lang in ("fra_Latn", "deu_Latn")]
+        assert row["eng_Latn"] == pytest.approx(sum(english) / 2)      # the mean over the per-language models
+    assert res["std"]["RAMEN init"]["fra_Latn"] is not None and "±" in (out / "results.md").read_text()
