@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import align  # noqa: E402
 import data  # noqa: E402
+import model  # noqa: E402
 from model import Config, Encoder, XltError  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def test_queue_is_fifo_with_fixed_size():
         queue.push(keys, torch.tensor([2 * step, 2 * step + 1]))
         pushed += [2 * step, 2 * step + 1]
         assert queue.keys.shape == (5, 2)
-    keys, ids = queue.ordered()
+    keys, ids = torch.roll(queue.keys, -queue.ptr, 0), torch.roll(queue.ids, -queue.ptr, 0)   # oldest first
     assert ids.tolist() == pushed[-5:]                   # the 5 newest, oldest first
     assert keys[:, 0].tolist() == [float(i) for i in pushed[-5:]]
     with pytest.raises(XltError):
@@ -103,7 +104,7 @@ def test_tlm_positions_continue_and_masking_covers_both_sides():
         assert batch["position_ids"][0, start_b].item() == offset + start_b
         assert batch["token_type_ids"].eq(0).all()          # no language / segment embeddings
     labels = torch.full(batch["input_ids"].shape, -100).view(-1)
-    labels[batch["mlm_positions"]] = batch["mlm_labels"]
+    labels[batch["positions"]] = batch["targets"]
     labels = labels.view(batch["input_ids"].shape)
     masked = labels != -100
     side_a, side_b = masked[:, 1:1 + len(a)], masked[:, start_b:start_b + len(b)]
@@ -119,14 +120,12 @@ def test_tlm_loss_only_at_masked_positions():
     g = torch.Generator().manual_seed(1)
     ex = data.tlm_example(list(range(10, 20)), list(range(20, 28)), 2, 3, 64)
     t = align.tlm_batch([ex, ex], SPECIAL, 50, g, 0.3, 0)
-    batch = {"tlm_" + k: v for k, v in t.items()}
-    batch["n_masked"] = len(t["mlm_positions"])
     f_q.eval()
-    got = align.tlm_loss(f_q, batch)
+    got = model.mlm_loss(f_q, t)[0]              # the TLM loss of the alignment step
     h = f_q(t["input_ids"], t["attention_mask"], t["token_type_ids"], t["position_ids"])
     logits = f_q.mlm_logits(h)
     labels = torch.full(t["input_ids"].shape, -100).view(-1)
-    labels[t["mlm_positions"]] = t["mlm_labels"]
+    labels[t["positions"]] = t["targets"]
     want = F.cross_entropy(logits.view(-1, 50), labels, ignore_index=-100)
     torch.testing.assert_close(got, want)
 
@@ -146,20 +145,23 @@ def test_alignment_batch_routes_sides_by_the_coin():
                 "single_b": [{"input_ids": [2, 20, 21, 22, 3], "token_type_ids": [0] * 5}] * 64,
                 "ids": list(range(64))}
     g = torch.Generator().manual_seed(0)
-    batch, n_masked, n_b = align.alignment_batch(prepared, list(range(64)), SPECIAL, 50, g, 32, 0.0)
-    assert 0 < n_b < 64 and n_masked == 0
-    b_query = batch["q_input_ids"][:, 1] == 20
+    batch, n_b = align.alignment_batch(prepared, list(range(64)), SPECIAL, 50, g, 32, 0.0)
+    # mask_prob 0: nothing drawn, so data.mlm_batch masks the first real token (a loss is always defined)
+    assert 0 < n_b < 64 and batch["tlm"]["positions"].tolist() == [1]
+    b_query = batch["query"]["input_ids"][:, 1] == 20
     assert b_query.sum().item() == n_b
     # the query side is first in the TLM sequence, the key side is the other sentence
-    assert torch.equal(batch["tlm_input_ids"][:, 1] == 20, b_query)
-    assert torch.equal(batch["k_input_ids"][:, 1] == 10, b_query)
+    assert batch["tlm"]["targets"].tolist() == [20 if b_query[0] else 10]        # row 0's token 1 is masked
+    assert torch.equal(batch["tlm"]["input_ids"][1:, 1] == 20, b_query[1:])
+    assert torch.equal(batch["key"]["input_ids"][:, 1] == 10, b_query)
+    assert batch["ids"].tolist() == list(range(64))
 
 
 # ---------------------------------------------------------------------------------------------------- training step
 
 def _args(**kw):
-    base = dict(max_len=32, seed=0, train_embeddings=False, queue_size=8, lr=1e-3, weight_decay=0.0,
-                compile=False, warmup=0.0, steps=2, batch_size=4, mask_prob=0.15, tlm_weight=1.0,
+    base = dict(max_len=32, train_embeddings=False, queue_size=8, align_lr=1e-3, weight_decay=0.0,
+                compile=False, warmup=0.0, align_steps=2, align_batch_size=4, mask_prob=0.15, tlm_weight=1.0,
                 temperature=0.07, momentum=0.9, pooling="mean", log_every=1)
     base.update(kw)
     return argparse.Namespace(**base)
@@ -173,7 +175,7 @@ def test_align_trains_query_encoder_only(tiny_checkpoint):
     pairs = [{"a": f"the cat {i} is on the table", "b": f"le chat {i} est sur la table", "id": i, "lang": "fra"}
              for i in range(8)]
     args = _args()
-    info, f_k = align.align(f_q, tok, pairs, args, torch.device("cpu"))
+    info, f_k = align.align(f_q, tok, pairs, args, torch.device("cpu"), seed=0)
     assert all(p.grad is None and not p.requires_grad for p in f_k.parameters())
     assert len(info["log"]) == 2 and all(math.isfinite(r["tlm"]) and math.isfinite(r["moco"]) for r in info["log"])
     q1 = dict(f_q.named_parameters())
@@ -185,25 +187,6 @@ def test_align_trains_query_encoder_only(tiny_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------------- code-switching
-
-def test_code_switch_pair_replaces_exactly_the_chosen_side():
-    pairs = [(f"p{i}", f"h{i}") for i in range(400)]
-    english = [(f"P{i}", f"H{i}") for i in range(400)]
-    out, sides = align.code_switch_pair(pairs, english, 0.5, np.random.default_rng(0))
-    for (a, b), (ea, eb), (oa, ob), side in zip(pairs, english, out, sides):
-        if side is None:
-            assert (oa, ob) == (a, b)
-        elif side == 0:
-            assert (oa, ob) == (ea, b)
-        else:
-            assert (oa, ob) == (a, eb)
-    n = sum(s is not None for s in sides)
-    assert abs(n - 200) < 4 * math.sqrt(100)
-    assert 0 < sum(s == 0 for s in sides) < n
-    assert align.code_switch_pair(pairs, english, 0.0, np.random.default_rng(0))[0] == pairs
-    out1, sides1 = align.code_switch_pair(pairs, english, 1.0, np.random.default_rng(0))
-    assert all(s is not None for s in sides1) and all(o != p for o, p in zip(out1, pairs))
-
 
 def test_code_switch_single():
     texts = [f"en{i}" for i in range(300)]
@@ -241,14 +224,6 @@ def test_sib200_translations_follow_index_id(data_dir):
             assert translations[r["index_id"]][lang_i] == r["text"]      # one entry per language, in order
 
 
-def test_per_layer_table():
-    table = align.per_layer_table({"deu": [10.0, 20.0], "cmn": [30.0, 40.0]},
-                                  {"deu": [12.0, 50.0], "cmn": [30.0, 60.0]}).splitlines()
-    assert table[0] == "| hidden state | deu | cmn | avg before | avg after | delta |"
-    assert table[2] == "| emb | 10.0 -> 12.0 | 30.0 -> 30.0 | 20.0 | 21.0 | +1.0 |"
-    assert table[3] == "| layer 1 | 20.0 -> 50.0 | 40.0 -> 60.0 | 30.0 | 55.0 | +25.0 |"
-
-
 def test_file_pairs(tmp_path):
     tsv = tmp_path / "p.tsv"
     tsv.write_text("the cat\tle chat\n\t\nthe dog\tle chien\n", encoding="utf-8")
@@ -263,44 +238,53 @@ def test_file_pairs(tmp_path):
         align.file_pairs([tmp_path / "a.txt", tmp_path / "c.txt"])
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tmp_path, data_dir):
     with pytest.raises(XltError, match="queue_size"):
-        align.check_args(align.parse_args(["--queue_size", "4", "--batch_size", "8"]))
-    with pytest.raises(XltError, match="cs_prob"):
-        align.check_args(align.parse_args(["--cs_prob", "1.5"]))
+        align.main(["--data_dir", str(data_dir), "--queue_size", "4", "--align_batch_size", "8"])
+    with pytest.raises(SystemExit):                 # ranges: argparse types
+        align.main(["--cs_prob", "1.5"])
     with pytest.raises(data.DataError):
         align.file_pairs([tmp_path / "missing.tsv"])
 
 
 def test_bad_languages(data_dir):
     with pytest.raises(XltError, match="eng_Latn"):
-        align.main(["--data_dir", str(data_dir), "--langs", "deu_Latn,eng_Latn"])
-    with pytest.raises(XltError, match="--tatoeba_langs"):
-        align.main(["--data_dir", str(data_dir), "--tatoeba_langs", "zzz"])
+        align.main(["--data_dir", str(data_dir), "--align_langs", "deu_Latn,eng_Latn"])
+    with pytest.raises(XltError, match="--align_langs"):
+        align.main(["--data_dir", str(data_dir), "--align_langs", "zzz_Latn"])
+    with pytest.raises(XltError, match="--langs"):
+        align.main(["--data_dir", str(data_dir), "--langs", "zzz_Latn"])
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
+
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
+
 
 def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
     ckpt = tiny_checkpoint()
     out = tmp_path / "out"
     result = align.main(["--model", str(ckpt), "--data_dir", str(data_dir), "--out_dir", str(out),
-                         "--device", "cpu", "--langs", "deu_Latn,fra_Latn", "--steps", "4", "--batch_size", "8",
-                         "--queue_size", "16", "--epochs", "1", "--ft_batch_size", "32", "--ft_lr", "1e-3",
-                         "--eval_langs", "eng_Latn,deu_Latn", "--tatoeba_langs", "deu", "--tatoeba_n", "30",
+                         "--device", "cpu", "--align_langs", "deu_Latn,fra_Latn", "--align_steps", "4",
+                         "--align_batch_size", "8", "--queue_size", "16", "--epochs", "1", "--batch_size", "32",
+                         "--lr", "1e-3", "--langs", "eng_Latn,deu_Latn", "--eval_limit", "30", "--limit", "96",
                          "--max_len", "64", "--log_every", "2"])
     res = json.loads((out / "results.json").read_text())
-    assert set(res["sib200"]) == {"unaligned", "unaligned + code-switch p=0.5", "aligned",
-                                  "aligned + code-switch p=0.5"}
-    assert all(set(v) == {"eng_Latn", "deu_Latn"} for v in res["sib200"].values())
-    assert len(res["tatoeba"]["before"]["deu"]) == 3 and res["tatoeba"]["subset_sizes"] == {"deu": 30}
-    assert [r["step"] for r in res["alignment"]["log"]] == [2, 4]
-    assert res["finetune"]["unaligned"]["switched"] == [0.0]
-    assert 0.3 < res["finetune"]["aligned + code-switch p=0.5"]["switched"][0] < 0.7
-    assert res["config"]["steps"] == 4 and res["seconds"] > 0 and res["hardware"].endswith("device cpu")
+    assert set(res) == SCHEMA and res["script"] == "align.py" and res["seeds"] == [0]
+    runs = {"unaligned", "unaligned + code-switch p=0.5", "aligned", "aligned + code-switch p=0.5"}
+    assert set(res["results"]["0"]) == runs | {"tatoeba before", "tatoeba after"}
+    assert all(set(res["results"]["0"][r]) == {"eng_Latn", "deu_Latn", "avg", "zero-shot avg"} for r in runs)
+    assert set(res["results"]["0"]["tatoeba after"]) == {"deu", "fra", "avg"}         # the aligned languages
+    seed = res["details"]["seed 0"]
+    assert len(seed["tatoeba per layer"]["before"]["deu"]) == 3 and seed["tatoeba pairs"] == {"deu": 30, "fra": 30}
+    assert [r["step"] for r in seed["alignment"]["log"]] == [2, 4]
+    assert seed["finetune"]["unaligned"]["switched"] == [0.0]
+    assert 0.3 < seed["finetune"]["aligned + code-switch p=0.5"]["switched"][0] < 0.7
+    assert res["config"]["align_steps"] == 4 and res["seconds"] > 0 and res["hardware"]
+    assert "| hidden state |" in (out / "results.md").read_text()
     assert (out / "aligned" / "config.json").exists() and (out / "aligned" / "model.safetensors").exists()
     assert Encoder.from_pretrained(out / "aligned").config.hidden_size == 32
     for slug in ("unaligned", "unaligned_cs", "aligned_finetuned", "aligned_cs"):
         cfg = json.loads((out / slug / "config.json").read_text())
         assert cfg["xlt_head"]["num_labels"] == len(data.SIB200_LABELS) and "xlt_align" in cfg
-    assert result["sib200"]["aligned"]["eng_Latn"] >= 0
+    assert result["results"]["0"]["aligned"]["eng_Latn"] >= 0
