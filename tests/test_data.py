@@ -540,3 +540,17 @@ def test_tlm_masking_covers_both_sides():
     for s in (0, 1):
         content = (side == s) & (batch["input_ids"] > MASK)
         assert 0.10 < chosen[content].float().mean() < 0.20
+
+
+def test_download_nusax_brings_the_mt_files_read_nusax_mt_reads(tmp_path, monkeypatch):
+    urls = []
+
+    def fake(url, timeout=None):
+        urls.append(url)
+        return FakeResponse(b"x")
+    monkeypatch.setattr(data, "urlopen", fake)
+    data.download(tmp_path, which=("nusax",))
+    assert len(urls) == 12 * 3 + 3                        # 12 languages x 3 splits of sentiment, + mt/
+    for split in ("train", "valid", "test"):
+        assert (tmp_path / "nusax" / "mt" / f"{split}.csv").is_file()
+        assert any(u.endswith(f"/datasets/mt/{split}.csv") for u in urls)
