@@ -64,6 +64,7 @@ import evaluate
 import model
 from model import XltError
 
+
 # -------------------- 1. Parallel data ---------------------------------------------------------------
 
 def sib200_pairs(data_dir, langs, pivot="eng_Latn", split="train"):
@@ -280,7 +281,7 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix):
     aligned, f_q = key_encoder(f_q), None   # the aligned encoder without its MLM head
     retrieval["after"] = tatoeba(aligned)
     timings["tatoeba after"] = time.time() - t
-    rows = {f"tatoeba {when}": {**{lang: r["xx->en"] for lang, r in res.items()},
+    rows = {f"tatoeba {when}": {**{tatoeba_langs[lang]: r["xx->en"] for lang, r in res.items()},
                                 "avg": statistics.fmean(r["xx->en"] for r in res.values())}
             for when, res in retrieval.items() if res}
     details = {"alignment": align_log, "finetune": {}, "timings": timings,
@@ -331,7 +332,7 @@ def main(argv=None):
     align_langs = [lang for lang in align_langs if lang != "eng_Latn"]
     langs = evaluate.resolve_langs(args.langs, "sib200", data_dir, default=EVAL_LANGS)
     have = set(data.tatoeba_languages(data_dir))            # Tatoeba measures the aligned languages
-    tatoeba_langs = [c for c in dict.fromkeys(map(data.tatoeba_code, align_langs)) if c in have]
+    tatoeba_langs = {data.tatoeba_code(f): f for f in align_langs if data.tatoeba_code(f) in have}   # code: FLORES
     prefix = evaluate.resolve_prefix(args.prefix, args.model)
     tok = data.load_tokenizer(args.model)
     pairs = file_pairs(args.parallel) if args.parallel else sib200_pairs(data_dir, align_langs)
@@ -339,7 +340,8 @@ def main(argv=None):
               f"SIB-200 train, English paired with {','.join(align_langs)}")
     train_rows = data.subset(data.read_sib200(data_dir, "eng_Latn", "train"), args.limit)
     translations = sib200_translations(data_dir, align_langs)
-    setup = (data_dir, langs, tatoeba_langs, train_rows, data.read_sib200(data_dir, "eng_Latn", "dev"),
+    setup = (data_dir, langs, tatoeba_langs, train_rows,
+             data.subset(data.read_sib200(data_dir, "eng_Latn", "dev"), args.eval_limit),
              [translations.get(r["index_id"], []) for r in train_rows])
     print(f"[align] {len(pairs)} parallel pairs ({source}); Tatoeba {','.join(tatoeba_langs) or 'none'}; "
           f"prefix {prefix!r}; pooling {args.pooling}; device {device}")

@@ -4,14 +4,13 @@
     python bench.py --device cuda --configs bert-base    # bf16 autocast on CUDA, with MFU
     python bench.py --no_reference --json out/bench.json
 
-Per config (an architecture shape, random weights), our Encoder is saved with save_pretrained and loaded by
-transformers.AutoModel (sdpa): the same weights; their largest output difference is printed first. Each
-round then times ours, theirs (alternating which goes first) and one large matmul: the training step
-(forward, loss = mean(h^2), backward, AdamW step; train mode) and inference, under model.autocast (bf16 on
-CUDA, fp32 on CPU). Reported: medians over rounds; the speedup (their time / ours within a round, so that a
-shared machine's drift cancels); TFLOP/s (step_flops) against the matmul peak of the same rounds, and on
-CUDA the MFU against the datasheet peak; the step's phases; our AdamW step with the word embeddings
-trainable vs frozen, and the dense gradient backward builds for them (why the scripts freeze them).
+Per config (an architecture shape, random weights), our Encoder is saved (save_pretrained) and loaded by
+transformers.AutoModel (sdpa): the same weights; their largest output difference is printed first. Each round times
+ours, theirs (alternating which goes first) and one large matmul: the training step (forward, loss = mean(h^2),
+backward, AdamW step; train mode) and inference, under model.autocast (bf16 on CUDA, fp32 on CPU). Reported: medians
+over rounds; the speedup (their time / ours within a round: a shared machine's drift cancels); TFLOP/s (step_flops) vs
+the matmul peak of the same rounds, on CUDA also the MFU (datasheet peak); the step's phases; our AdamW step with the
+word embeddings trainable vs frozen, and the dense gradient backward builds for them (why the scripts freeze them).
 """
 import os
 import statistics
@@ -19,8 +18,7 @@ import sys
 import tempfile
 import time
 
-# OpenMP threads that wait by spinning (libgomp's default) lose badly on a shared CPU, spinning while the thread
-# they wait for is descheduled. Set before torch loads OpenMP; one set in the environment wins.
+# Spinning OpenMP waits (libgomp's default) lose badly on a shared CPU. Set before torch loads OpenMP; the env's wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
@@ -35,8 +33,7 @@ SHAPES = {"e5-small": dict(vocab_size=250037, hidden_size=384, intermediate_size
           "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=128, max_position_embeddings=128)}
 
-# Datasheet dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, matched against the CUDA device name in
-# this order (first match wins: specific names first). None: a card whose number we would only guess.
+# Datasheet dense bf16 tensor-core peaks (TFLOP/s); the first key in the CUDA device name wins. None: we'd only guess.
 CARD_PEAKS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
               ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
               ("A10G", None), ("A10", 125.0), ("A6000", 155.0)]
@@ -91,7 +88,8 @@ def load_reference(ours, device):
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="xlt-bench-") as tmp:
         ours.save_pretrained(tmp)
-        return transformers.AutoModel.from_pretrained(tmp, attn_implementation="sdpa", add_pooling_layer=False).to(device)
+        return transformers.AutoModel.from_pretrained(tmp, attn_implementation="sdpa",
+                                                      add_pooling_layer=False).to(device)
 
 
 class Runner:
@@ -141,8 +139,7 @@ def optimizer_breakdown(run, batch, repeats):
         word.requires_grad_(trainable)
         opts[trainable] = M.configure_optimizer([enc], lr=1e-5, weight_decay=0.01)
     run.loss(batch).backward()      # gradients for every parameter; both optimizers step on them, never zeroed
-    # What backward does for a trainable nn.Embedding: a dense (V, H) gradient, zero-filled, then every
-    # token's incoming gradient summed into its row.
+    # A trainable nn.Embedding's backward: a dense zero-filled (V, H) gradient, each token's gradient added to its row.
     g = torch.randn(*ids.shape, enc.config.hidden_size, device=run.device)
     work = {"step_ms_trainable": opts[True].step, "step_ms_frozen": opts[False].step, "word_embedding_grad_ms":
             lambda: torch.ops.aten.embedding_dense_backward(g, ids, enc.config.vocab_size, -1, False)}
@@ -170,12 +167,11 @@ def bench_config(name, args, device, log):
     runners = [Runner("ours", ours.to(device), ours, device, args)]
     if theirs is not None:
         with M.evaluating(ours, theirs), M.autocast(device):
-            diff = ours(ids, batch["attention_mask"]).float() - theirs(ids, batch["attention_mask"]).last_hidden_state.float()
-        res["max_abs_diff"] = diff.abs().max().item()
-        log(f"[{name}] outputs of ours and transformers' on the same batch (eval): max |diff| = {res['max_abs_diff']:.2e}")
-        runners.append(Runner("transformers", theirs, lambda i, m: theirs(input_ids=i, attention_mask=m).last_hidden_state,
-                              device, args))
-
+            diff = (ours(**batch).float() - theirs(**batch).last_hidden_state.float()).abs().max().item()
+        res["max_abs_diff"] = diff
+        log(f"[{name}] outputs of ours and transformers' on the same batch (eval): max |diff| = {diff:.2e}")
+        runners.append(Runner("transformers", theirs,
+                              lambda i, m: theirs(input_ids=i, attention_mask=m).last_hidden_state, device, args))
     cuda = device.type == "cuda"                     # where model.autocast computes in bf16
     peak = torch.randn(args.peak_size, args.peak_size, device=device, dtype=torch.bfloat16 if cuda else None)
     inner = 10 if cuda else 1                        # one GPU matmul is too short to time alone
@@ -190,10 +186,11 @@ def bench_config(name, args, device, log):
         steps = ", ".join(f"{run.name} step {run.wall['train'][-1] * 1e3:.0f} ms" for run in runners)
         log(f"[{name}] round {r + 1}/{rounds}{' (warm-up)' if r < args.warmup_rounds else ''}: {steps} "
             f"({time.perf_counter() - t_start:.0f} s)")
-    for r in range(rounds if cuda else 0):           # CUDA: the phases in separate steps
-        for run in runners:
-            run.train_step(batch, total=False)
-    med = lambda times: statistics.median(times[args.warmup_rounds:])    # noqa: E731 (the timed rounds)
+    for run in runners * rounds if cuda else []:     # CUDA: the phases in separate steps, round by round
+        run.train_step(batch, total=False)
+
+    def med(times):                                  # the median over the timed rounds
+        return statistics.median(times[args.warmup_rounds:])
 
     n_ne = non_embedding_params(ours)
     flops = {k: f(n_ne, config.num_hidden_layers, config.hidden_size, args.batch_size, args.seq_len)
@@ -203,13 +200,12 @@ def bench_config(name, args, device, log):
     for run in runners:
         res[run.name] = {"phases_ms": {k: med(v) * 1e3 for k, v in run.phases.items()}}
         for kind, times in run.wall.items():
-            ms = med(times) * 1e3
+            ms, cpu_ms = med(times) * 1e3, med(run.cpu[kind]) * 1e3
             tflops = flops[kind] / ms / 1e9
             res[run.name][kind] = {"ms": ms, "all_ms": [t * 1e3 for t in times[args.warmup_rounds:]], "tflops": tflops,
-                                   "fraction_of_measured_peak": tflops / peak_tflops, "cpu_ms": med(run.cpu[kind]) * 1e3,
+                                   "fraction_of_measured_peak": tflops / peak_tflops, "cpu_ms": cpu_ms,
                                    **({"mfu": tflops / args.peak_tflops} if args.peak_tflops else {})}
-    if theirs is not None:
-        # Paired within a round: what the machine's load did between rounds cancels. CPU time: disturbed less.
+    if theirs is not None:  # paired within a round, the load's drift between rounds cancels; CPU time is disturbed less
         a, b = runners
         res["speedup"] = {k: med([t / o for o, t in zip(a.wall[k], b.wall[k])]) for k in a.wall}
         res["speedup_cpu_time"] = {k: med([t / o for o, t in zip(a.cpu[k], b.cpu[k])]) for k in a.cpu}
@@ -233,16 +229,18 @@ def report(results, args, cpu):
             phases[f"{r['config']} {name}"] = {**r[name]["phases_ms"], "step": r[name]["train"]["ms"]}
         o = r["optimizer"]
         saved = o["step_ms_trainable"] - o["step_ms_frozen"] + o["word_embedding_grad_ms"]
-        words[r["config"]] = {"params M": o["all_params"] / 1e6, "word emb. M": o["word_embedding_params"] / 1e6,
-                              "opt step, emb trainable": o["step_ms_trainable"], "opt step, emb frozen": o["step_ms_frozen"],
-                              "emb grad in backward": o["word_embedding_grad_ms"], "saved by freezing": saved}
-    table = lambda rows, row_name: evaluate.markdown_table(rows, digits=2, row_name=row_name, averages=False)  # noqa: E731
+        words[r["config"]] = {
+            "params M": o["all_params"] / 1e6, "word emb. M": o["word_embedding_params"] / 1e6,
+            "opt step, emb trainable": o["step_ms_trainable"], "opt step, emb frozen": o["step_ms_frozen"],
+            "emb grad in backward": o["word_embedding_grad_ms"], "saved by freezing": saved}
+    tables = [evaluate.markdown_table(rows, digits=2, row_name=row_name, averages=False)
+              for rows, row_name in ((speed, "config, phase"), (phases, "config, model"), (words, "config"))]
     return "\n".join([
-        table(speed, "config, phase"),
+        tables[0],
         "speedup: the median over rounds of transformers' time / ours in the same round (>= 1: ours is faster)",
-        "\nWhere the training step's time goes (ms, medians; forward includes the loss):", table(phases, "config, model"),
+        "\nWhere the training step's time goes (ms, medians; forward includes the loss):", tables[1],
         "\nThe word-embedding matrix, trainable vs frozen (ms; model.py's step, model.configure_optimizer's AdamW):",
-        table(words, "config")])
+        tables[2]])
 
 
 def main(argv=None, log=print):
@@ -259,9 +257,11 @@ def main(argv=None, log=print):
     meta = {"hardware": evaluate.hardware(device), "device": device.type, "torch": torch.__version__,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "argv": sys.argv[1:] if argv is None else list(argv),
             "load_average_start": load()[0]}
-    log(f"bench.py: {meta['hardware']}, {'bf16' if cuda else 'fp32'}, load average {load()[0]:.1f}; batch {args.batch_size} "
-        f"x length {args.seq_len}, dropout {args.dropout:g}, {args.warmup_rounds} warm-up + {args.repeats} rounds"
-        + ("; no datasheet peak known for this card: pass --peak_tflops for the MFU" if cuda and not args.peak_tflops else ""))
+    log(f"bench.py: {meta['hardware']}, {'bf16' if cuda else 'fp32'}, load average {load()[0]:.1f}; "
+        f"batch {args.batch_size} x length {args.seq_len}, dropout {args.dropout:g}, "
+        f"{args.warmup_rounds} warm-up + {args.repeats} rounds"
+        + ("; no datasheet peak known for this card: pass --peak_tflops for the MFU" if cuda and not args.peak_tflops
+           else ""))
     t0 = time.perf_counter()
     results = [bench_config(name, args, device, log) for name in args.configs]
     meta.update(seconds=time.perf_counter() - t0, load_average_end=load()[0],
@@ -275,23 +275,24 @@ def main(argv=None, log=print):
 
 
 def build_parser():
-    p, pos = evaluate.parser(__doc__), evaluate.positive_int
-    p.add_argument("--configs", nargs="+", default=["e5-small", "bert-base"], choices=list(SHAPES), help="shapes to time")
-    p.add_argument("--batch_size", type=pos, default=32, help="sentences per step")
-    p.add_argument("--seq_len", type=pos, default=128, help="tokens per sequence (no padding)")
-    p.add_argument("--dropout", type=evaluate.fraction, default=0.1, help="every dropout probability of both models")
-    p.add_argument("--device", type=evaluate.device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--warmup_rounds", type=evaluate.nonneg_int, default=1, help="untimed rounds first")
-    p.add_argument("--repeats", type=pos, default=3, help="timed rounds; the median is reported")
-    p.add_argument("--freeze_word_embeddings", action="store_true", help="time the step with the word-embedding matrix "
-                   "frozen in both models, as the scripts fine-tune (default: every parameter trainable)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models' forward")
-    p.add_argument("--no_reference", action="store_true", help="time model.py's encoder alone (no transformers)")
-    p.add_argument("--peak_size", type=pos, default=None, help="side of the peak's square matmul (default 4096; CUDA 8192)")
-    p.add_argument("--peak_tflops", type=evaluate.positive_float, default=None, help="dense bf16 peak for the MFU "
-                   "(default on CUDA: CARD_PEAKS by the card's name)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and batch")
-    p.add_argument("--json", default=None, help="also write the results to this file")
+    p = evaluate.parser(__doc__)
+    add, pos = p.add_argument, evaluate.positive_int
+    add("--configs", nargs="+", default=["e5-small", "bert-base"], choices=list(SHAPES), help="shapes to time")
+    add("--batch_size", type=pos, default=32, help="sentences per step")
+    add("--seq_len", type=pos, default=128, help="tokens per sequence (no padding)")
+    add("--dropout", type=evaluate.fraction, default=0.1, help="every dropout probability of both models")
+    add("--device", type=evaluate.device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add("--warmup_rounds", type=evaluate.nonneg_int, default=1, help="untimed rounds first")
+    add("--repeats", type=pos, default=3, help="timed rounds; the median is reported")
+    add("--freeze_word_embeddings", action="store_true", help="time the step with the word-embedding matrix "
+        "frozen in both models, as the scripts fine-tune (default: every parameter trainable)")
+    add("--compile", action="store_true", help="torch.compile both models' forward")
+    add("--no_reference", action="store_true", help="time model.py's encoder alone (no transformers)")
+    add("--peak_size", type=pos, default=None, help="side of the peak's square matmul (default 4096; CUDA 8192)")
+    add("--peak_tflops", type=evaluate.positive_float, default=None, help="dense bf16 peak for the MFU "
+        "(default on CUDA: CARD_PEAKS by the card's name)")
+    add("--seed", type=int, default=0, help="seed of the random weights and batch")
+    add("--json", default=None, help="also write the results to this file")
     return p
 
 

@@ -283,7 +283,8 @@ def measure(enc, head, tok, langs, held_out, vocab, args, device):
 
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
-    langs = [lang.strip() for lang in (args.langs or ",".join(DEFAULT_LANGS)).split(",") if lang.strip()]
+    langs = PAIRED if args.langs == "all" else [x.strip() for x in (args.langs or ",".join(DEFAULT_LANGS)).split(",")
+                                                if x.strip()]
     if not langs or any(lang not in PAIRED for lang in langs):
         raise XltError(f"--langs: {','.join(x for x in langs if x not in PAIRED) or 'empty'}: choose FLORES-200 "
                        f"codes of languages with a Tatoeba and a PUD set: {','.join(PAIRED)}")
@@ -335,7 +336,8 @@ def main(argv=None):
             if not args.no_save and info["dev"] > best_dev.get(method, -1.0):    # the seed best on EWT dev
                 best_dev[method] = info["dev"]
                 model.save_pretrained(enc, Path(args.out_dir) / method, tokenizer=tok, head=head,
-                                      extra={"xlt_continual": {"method": method, "seed": seed, "dev": info["dev"]}})
+                                      extra={"xlt_prefix": "", "xlt_continual": {"method": method, "seed": seed,
+                                                                                 "dev": info["dev"]}})
             print(f"[continual] seed {seed} {method}: dev {info['dev']:.2f}, zero-shot PUD avg "
                   f"{rows[method]['pos zero-shot avg']:.2f}, last-layer retrieval avg "
                   f"{rows[method]['tatoeba avg']:.1f} ({time.time() - t:.0f} s)")

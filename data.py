@@ -241,8 +241,8 @@ def _download_plan(name, data_dir):
                 for lang in TATOEBA_LANGS for side in (lang, "eng")]
     if name == "nusax":                                  # the sentiment sets, and mt/ (read_nusax_mt)
         base, splits = f"{RAW}/IndoNLP/nusax/{NUSAX_COMMIT}/datasets", ("train", "valid", "test")
-        return [(f"{base}/sentiment/{lang}/{split}.csv", d / "sentiment" / lang / f"{split}.csv")
-                for lang in NUSAX_LANGS for split in splits] + [(f"{base}/mt/{s}.csv", d / "mt" / f"{s}.csv") for s in splits]
+        return [(f"{base}/sentiment/{lang}/{s}.csv", d / "sentiment" / lang / f"{s}.csv") for lang in NUSAX_LANGS
+                for s in splits] + [(f"{base}/mt/{s}.csv", d / "mt" / f"{s}.csv") for s in splits]
     if name == "ud":
         return [(f"{RAW}/UniversalDependencies/UD_{treebank}/{commit}/{prefix}-ud-{split}.conllu",
                  d / f"UD_{treebank}" / f"{prefix}-ud-{split}.conllu")

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -309,7 +310,7 @@ def write_results(args, script, paper, per_seed, tables, details, device, t0):
     seconds, and the script's own details; and OUT_DIR/results.md, the tables the README shows."""
     mean, std = mean_std(per_seed)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "argv"}
-    result = {"script": script, "paper": paper, "command": " ".join(["python", script] + args.argv), "config": config,
+    result = {"script": script, "paper": paper, "command": shlex.join(["python", script] + args.argv), "config": config,
               "seeds": list(per_seed), "results": {str(s): r for s, r in per_seed.items()}, "mean": mean,
               "std": std, "hardware": hardware(device), "seconds": round(time.time() - t0, 1), "details": details}
     out = Path(args.out_dir)
@@ -369,7 +370,7 @@ def add_common_args(p, out_dir, epochs, batch_size, lr, langs_help, max_len=128,
     p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
     p.add_argument("--out_dir", default=out_dir, help="results.json, results.md and the saved models")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds), help="one whole experiment per seed; "
+    p.add_argument("--seeds", type=nonneg_int, nargs="+", default=list(seeds), help="one whole experiment per seed; "
                    "results.json has each and their mean and std")
     p.add_argument("--compile", action="store_true", help="torch.compile the Transformer blocks")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
@@ -411,13 +412,15 @@ def cli(main):
 
 # -------------------- Languages and prefixes -----------------------------------------------------
 def resolve_prefix(arg, model_name):
-    """--prefix: 'auto' -> 'query: ' for intfloat/*e5* names (e5's training format), else ''. None: the
-    prefix a training script saved in the checkpoint's config.json ("xlt_prefix"), else ''."""
-    if arg is None:
-        cfg = Path(str(model_name)) / "config.json"
-        return json.loads(cfg.read_text()).get("xlt_prefix", "") if cfg.is_file() else ""
-    if arg != "auto":
+    """--prefix: 'auto' -> the prefix a training script saved in a checkpoint's config.json ("xlt_prefix",
+    the format it was fine-tuned with), else 'query: ' for intfloat/*e5* names (e5's training format), else
+    ''. None (evaluate.py's default): the saved prefix, else ''. Any other value is used as it is."""
+    cfg = Path(str(model_name)) / "config.json"
+    saved = json.loads(cfg.read_text()).get("xlt_prefix") if arg in (None, "auto") and cfg.is_file() else None
+    if arg not in (None, "auto"):
         return arg
+    if saved is not None or arg is None:
+        return saved or ""
     return "query: " if re.fullmatch(r"intfloat/.*e5.*", str(model_name)) else ""
 
 

@@ -304,7 +304,7 @@ class Checkpoint:
         self.name, self.args, self.data_dir, self.device, self.sets = name, args, data_dir, device, {}
         path = model.resolve_checkpoint(name)
         if path.is_dir() and "xlt_head" in json.loads((path / "config.json").read_text()):
-            self.encoder, self.head, _ = model.load_with_head(path)
+            self.encoder, self.head, _ = model.load_with_head(path, dropout=args.dropout)
             if (self.head.describe()["type"], self.head.num_labels) != ("sequence", len(data.SIB200_LABELS)):
                 raise XltError(f"--teachers {name}: its head is not a {len(data.SIB200_LABELS)}-way SIB-200 classifier")
         else:
@@ -315,6 +315,9 @@ class Checkpoint:
         if args.branch_layers > L:
             raise XltError(f"--branch_layers {args.branch_layers}: {name} has only {L} blocks")
         self.frozen = max(0, L - args.train_layers)
+        if args.train_embeddings and self.frozen:
+            raise XltError(f"--train_embeddings: {name} has {L} blocks; with --train_layers {args.train_layers} the "
+                           f"embeddings sit below frozen blocks (use --train_layers {L})")
 
     def examples(self, lang, split):
         """SIB-200 examples of (lang, split): --limit rows of train, --eval_limit of dev and test (evenly
@@ -396,7 +399,7 @@ def main(argv=None):
                           "zero-shot avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None}
             logs[name]["seconds"] = round(time.time() - tv, 1)
             print(f"[mblm] seed {seed}, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[name].items()
-                                                                if "avg" in k and v is not None))
+                                                              if "avg" in k and v is not None))
             if not args.no_save and seed == args.seeds[0] and name == saved:
                 save_mblm(m.cpu(), Path(args.out_dir) / name, student.tok,
                           extra={"variant": name, "seed": seed, "xlt_prefix": student.prefix})

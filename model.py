@@ -585,16 +585,17 @@ def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_with_head(path):
-    """A directory written by save_pretrained(..., head=...): (encoder, head, config.json dict)."""
+def load_with_head(path, dropout=None):
+    """A directory written by save_pretrained(..., head=...): (encoder, head, config.json dict); `dropout` as
+    in Encoder.from_pretrained, for the head too."""
     path = resolve_checkpoint(path)
     cfg = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
     if "xlt_head" not in cfg:
         raise CheckpointError(f"{path}: config.json has no xlt_head (not a fine-tuned xlt classifier/tagger)")
-    spec, enc = cfg["xlt_head"], Encoder.from_pretrained(path)
-    H = enc.config.hidden_size
-    head = (ClassificationHead(H, spec["num_labels"], spec["pooling"]) if spec["type"] == "sequence"
-            else TokenClassificationHead(H, spec["num_labels"]))
+    spec, enc = cfg["xlt_head"], Encoder.from_pretrained(path, dropout=dropout)
+    H, p = enc.config.hidden_size, enc.config.hidden_dropout_prob
+    head = (ClassificationHead(H, spec["num_labels"], spec["pooling"], p) if spec["type"] == "sequence"
+            else TokenClassificationHead(H, spec["num_labels"], p))
     head.load_state_dict(read_safetensors(path / "xlt_head.safetensors"))
     return enc, head, cfg
 

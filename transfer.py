@@ -21,19 +21,17 @@ Equations:
   Stage A  min over (E_f, b_f) of MLM_f;  Stage B  min over all of MLM_e(E_e, b_e, θ) + MLM_f(E_f, b_f, θ).
   MLM  -log softmax(E LN(gelu(D h_t)) + b)[x_t] at masked t: the language's own E (tied) and b, shared D, LN.
 
-The paper's, as its public code shows (GitHub alexa/ramen: demo.sh, alignment/get_prob_para.py,
-utils/init_weight.py, src/models.py, ramen.py; not the full paper): fast_align both ways, grow-diag-final-and;
-p(e|f) = link counts normalised per foreign subword; unlinked rows N(0, 1/H), bias 0; special tokens' rows
-and biases copied from English; the random baseline = the same without p(e|f); the encoder, position/type
-embeddings, embedding LayerNorm and MLM transform shared; each update adds the gradients of one English and
-one foreign MLM batch (our Stage B); WordPiece with accents kept.
-Ours: Stage A (ramen.py trains everything from the first step; models.py defines a helper returning E_f and
-b_f, "useful when freezing the encoder parameters", that nothing calls); IBM Model 1 in numpy; Stage 0 (MiniLM
-has no MLM head: model.fit_mlm_head fits one on stored states of the frozen encoder, masks drawn once);
-corpora ~1,000x smaller (SIB-200 train+dev, Tatoeba, UD PUD, NusaX; never a scored test sentence); BERT's
-masking, AdamW, linear schedule, clipping 1.0 (ramen.py: Adam, inverse square root, clipping 5, batch 72,
-6 x 20,000 updates); SIB-200 instead of XNLI and parsing; the rows "English model, no transfer" and a
-multilingual reference; with several --langs, RAMEN's eng_Latn = the mean over the per-language models.
+The paper's, as its public code shows (GitHub alexa/ramen: demo.sh, alignment/get_prob_para.py, utils/init_weight.py,
+src/models.py, ramen.py; not the full paper): fast_align both ways, grow-diag-final-and; p(e|f) = link counts normalised
+per foreign subword; unlinked rows N(0, 1/H), bias 0; special tokens' rows and biases copied from English; the random
+baseline = the same without p(e|f); the encoder, position/type embeddings, embedding LayerNorm and MLM transform shared;
+each update adds the gradients of one English and one foreign MLM batch (our Stage B); WordPiece with accents kept.
+Ours: Stage A (ramen.py trains everything from the first step; models.py's helper returning E_f and b_f, "useful when
+freezing the encoder parameters", is never called); Stage 0 (MiniLM has no MLM head: model.fit_mlm_head fits one on the
+frozen encoder's stored states, masks drawn once); IBM Model 1 in numpy; corpora ~1,000x smaller (SIB-200 train+dev,
+Tatoeba, UD PUD, NusaX; never a scored test sentence); BERT's masking, AdamW, linear schedule, clipping 1.0 (ramen.py:
+Adam, inverse square root, clipping 5, batch 72, 6 x 20,000 updates); SIB-200 instead of XNLI and parsing; the rows
+"English model, no transfer" and a multilingual reference; several --langs: RAMEN's eng_Latn = the per-language mean.
 Saved (first seed; not with --no_save): OUT_DIR/<lang>, the foreign model after Stage B (a teacher for
 mblm.py), and OUT_DIR/<lang>-classifier, fine-tuned on English with E_f swapped in (model.load_with_head).
 Run:  XLT_DATA=/work/shared/data python transfer.py --langs deu_Latn,swh_Latn --seeds 0 1 2
@@ -56,8 +54,9 @@ import evaluate
 import model
 from model import XltError
 
-NUSAX_NAME = dict(ind_Latn="indonesian", ace_Latn="acehnese", bjn_Latn="banjarese", ban_Latn="balinese", bug_Latn="buginese",
-                  jav_Latn="javanese", min_Latn="minangkabau", sun_Latn="sundanese", bbc_Latn="toba_batak")   # FLORES -> NusaX
+NUSAX_NAME = dict(ind_Latn="indonesian", ace_Latn="acehnese", bjn_Latn="banjarese", ban_Latn="balinese",
+                  bug_Latn="buginese", jav_Latn="javanese", min_Latn="minangkabau", sun_Latn="sundanese",
+                  bbc_Latn="toba_batak")                                                       # FLORES -> NusaX
 
 
 # -------------------- 1. Corpora: bitext and foreign text, never a scored test sentence ----------------
@@ -105,7 +104,8 @@ def corpora(args, lang):
     foreign = list(dict.fromkeys([f for _, f in kept] + extra))
     english = list(dict.fromkeys([e for e, _ in kept] + [r["text"] for split in ("train", "dev")
                                                          for r in data.read_sib200(args.data_dir, "eng_Latn", split)]))
-    print(f"[transfer] {lang}: {len(kept)} pairs, {len(foreign)} foreign and {len(english)} English sentences; {sources}")
+    print(f"[transfer] {lang}: {len(kept)} pairs, {len(foreign)} foreign and {len(english)} English sentences; "
+          f"{sources}")
     return kept, foreign, english, sources
 
 
@@ -122,13 +122,12 @@ def train_foreign_tokenizer(texts, vocab_size, eng_tok):
     normalizer = normalizers.BertNormalizer(strip_accents=False, lowercase=lowercase)   # accents kept, as RAMEN
     learner = Tokenizer(models.WordPiece(unk_token=names["unk"]))
     learner.normalizer, learner.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
-    learner.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(names.values()), continuing_subword_prefix="##", show_progress=False))
-    # The trainer breaks ties between equally frequent merges in hash order, so a few dozen of 8,000 pieces
-    # differ from run to run; numbering the pieces in sorted order keeps everything else reproducible.
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(names.values()),
+                                        continuing_subword_prefix="##", show_progress=False)
+    learner.train_from_iterator(texts, trainer)
+    # The trainer breaks ties in hash order (a few dozen of 8,000 pieces vary per run): sorted ids keep the rest stable.
     learned = sorted(t for t in learner.get_vocab() if t not in names.values())
-    V = len(learned) + len(names)
-    late = []                                                  # roles whose id is past the end (or the tail) move
+    V, late = len(learned) + len(names), []                    # late: roles whose id is past the end (or the tail) move
     while moved := [r for r, i in roles.items() if r not in late and i >= V - len(late)]:
         late += moved
     at, pieces = {i: names[r] for r, i in roles.items() if r not in late}, iter(learned)
@@ -186,10 +185,9 @@ NEIGHBOURS = [(-1, 0), (0, -1), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 
 
 
 def grow_diag_final_and(e2f, f2e):
-    """Symmetrise two directional alignments, sets of (e position, f position) links (Koehn et al. 2003,
-    what fast_align's `atools -c grow-diag-final-and` computes): start from the intersection; grow it by
-    neighbouring (incl. diagonal) links of the union that align a still-unaligned word; finally add the
-    links of either direction whose two words are both still unaligned."""
+    """Symmetrise two directional alignments, sets of (e position, f position) links (Koehn et al. 2003; fast_align's
+    `atools -c grow-diag-final-and`): start from the intersection; grow it by neighbouring (incl. diagonal) union links
+    that align a still-unaligned word; finally add either direction's links between two still-unaligned words."""
     union, links = e2f | f2e, e2f & f2e
     aligned_e, aligned_f = {e for e, _ in links}, {f for _, f in links}
     grew = True
@@ -207,9 +205,8 @@ def grow_diag_final_and(e2f, f2e):
 
 
 def translation_probs(english_ids, foreign_ids, iterations=5):
-    """p(e | f) as sparse (f_idx, e_idx, prob) LongTensor/LongTensor/FloatTensor, plus statistics:
-    IBM1 foreign-from-English and English-from-foreign, Viterbi links symmetrised per sentence, then
-    p(e | f) = n(f ~ e) / sum_e' n(f ~ e') (RAMEN's get_prob_para.py does the same with fast_align)."""
+    """p(e | f) as sparse tensors (f_idx, e_idx, prob), plus statistics: IBM1 both ways, Viterbi links symmetrised per
+    sentence, then p(e | f) = n(f ~ e) / sum_e' n(f ~ e') (RAMEN's get_prob_para.py: the same with fast_align)."""
     _, fwd = ibm1(english_ids, foreign_ids, iterations)        # links (e position, f position)
     _, rev = ibm1(foreign_ids, english_ids, iterations)        # links (f position, e position)
     counts = Counter((f_ids[j], e_ids[i]) for e_ids, f_ids, a, b in zip(english_ids, foreign_ids, fwd, rev)
@@ -329,14 +326,14 @@ def stage_b(enc, vocab_e, vocab_f, batches_e, batches_f, args, device, desc="sta
 
 # -------------------- 6. The experiment: the recipe per target language and seed ----------------------
 
-def english_model(args, english, eng_tok, seed, device):
+def english_model(args, mono_e, eng_tok, seed, device):
     """The English encoder with an MLM head; Stage 0 (ours) for a checkpoint without one (MiniLM): model.fit_mlm_head
     on stored states of the frozen encoder (one masked pass over the English text) for --mlm_head_steps steps."""
     model.set_seed(seed)                                          # the fresh head's initialisation
     base = model.Encoder.from_pretrained(args.model, mlm_head=True, dropout=args.dropout).to(device)
     if base.checkpoint_has_mlm_head or not args.mlm_head_steps:
         return base, {}
-    one_pass = itertools.islice(mlm_batches(english, eng_tok, args.batch_size, seed), -(-len(english) // args.batch_size))
+    one_pass = itertools.islice(mlm_batches(mono_e, eng_tok, args.batch_size, seed), -(-len(mono_e) // args.batch_size))
     return base, {"stage_0": model.fit_mlm_head(base, one_pass, args.mlm_head_steps, args.mlm_head_lr, device,
                                                 generator=torch.Generator().manual_seed(seed))}
 
@@ -349,8 +346,8 @@ def transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args, device, se
         model.compile_blocks(enc)
     vocab_e, e, f = Vocab.of(enc), data.special_ids(eng_tok), data.special_ids(foreign_tok)
     model.set_seed(seed)                                     # specials: [(foreign id, English id)], copied across
-    E_f, b_f = ramen_init(vocab_e.word.weight, vocab_e.bias, probs if init == "ramen" else None, [(f[r], e[r]) for r in e],
-                          foreign_tok.get_vocab_size(), torch.Generator().manual_seed(seed))
+    E_f, b_f = ramen_init(vocab_e.word.weight, vocab_e.bias, probs if init == "ramen" else None,
+                          [(f[r], e[r]) for r in e], foreign_tok.get_vocab_size(), torch.Generator().manual_seed(seed))
     vocab_f = Vocab.new(E_f, b_f).to(device)
     batches_f = mlm_batches(mono_f, foreign_tok, args.batch_size, seed)
     batches_e = mlm_batches(mono_e, eng_tok, args.batch_size, seed + 1)
@@ -358,62 +355,65 @@ def transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args, device, se
               "stage_b": stage_b(enc, vocab_e, vocab_f, batches_e, batches_f, args, device, f"{init} stage B")}
     use_vocab(enc, vocab_f)
     if save_to:
-        model.save_pretrained(enc, save_to, tokenizer=foreign_tok, extra={"xlt_transfer": {"english_model": args.model}})
+        model.save_pretrained(enc, save_to, tokenizer=foreign_tok, extra=dict(
+            xlt_prefix=evaluate.resolve_prefix(args.prefix, args.model), xlt_transfer={"english_model": args.model}))
     return enc, vocab_e, vocab_f, losses
 
 
 def main(argv=None):
     args, langs = parse_args(argv)
     t0, device, eng_tok = time.time(), model.pick_device(args.device), data.load_tokenizer(args.model)
-    test = dict(data_dir=args.data_dir, device=device, max_len=args.max_len, limit=args.eval_limit,
-                prefix=evaluate.resolve_prefix(args.prefix, args.model))                  # SIB-200 test sets
+    prefix = evaluate.resolve_prefix(args.prefix, args.model)                      # the English model's input prefix
+    test = dict(data_dir=args.data_dir, device=device, max_len=args.max_len, limit=args.eval_limit)  # SIB-200 test sets
     task = (data.subset(data.read_sib200(args.data_dir, "eng_Latn", "train"), args.limit),  # English SIB-200
-            data.read_sib200(args.data_dir, "eng_Latn", "dev"))
+            data.subset(data.read_sib200(args.data_dir, "eng_Latn", "dev"), args.eval_limit))
     per_seed, details = {seed: {} for seed in args.seeds}, {"corpora": {}, "alignment": {}, "runs": {}}
     for lang in langs:
         bitext, foreign, english, sources = corpora(args, lang)                            # the corpora
         foreign_tok = train_foreign_tokenizer(foreign, args.vocab_size, eng_tok)           # a foreign vocabulary
         probs, details["alignment"][lang] = alignment(bitext, eng_tok, foreign_tok, args)  # p(e | f)
-        details["corpora"][lang] = {"sources": sources, "bitext_pairs": len(bitext), "foreign_sentences": len(foreign),
-                                    "english_sentences": len(english), "foreign_vocab_size": foreign_tok.get_vocab_size()}
+        details["corpora"][lang] = dict(sources=sources, bitext_pairs=len(bitext), foreign_sentences=len(foreign),
+                                        english_sentences=len(english), foreign_vocab_size=foreign_tok.get_vocab_size())
         mono_f, mono_e = data.encode(foreign_tok, foreign, args.max_len), data.encode(eng_tok, english, args.max_len)
         for seed in args.seeds:
             base, run = english_model(args, mono_e, eng_tok, seed, device)                # Stage 0 (ours)
             for init, row in (("ramen", "RAMEN init"), ("random", "random init")):
                 t, save = time.time(), not args.no_save and seed == args.seeds[0] and init == "ramen"
-                enc, vocab_e, vocab_f, run[init] = transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args, device,
-                                                            seed, init, save and f"{args.out_dir}/{lang}")  # init, A, B
+                enc, vocab_e, vocab_f, run[init] = transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args,
+                                                            device, seed, init, save and f"{args.out_dir}/{lang}")
                 use_vocab(enc, vocab_e)                                                    # English fine-tune
                 enc.embed.word.requires_grad_(False)                   # E_f was fitted to the E_e the encoder saw
                 enc.mlm.requires_grad_(False)
-                head, log = evaluate.finetune(enc, eng_tok, *task, args, device, seed, test["prefix"], desc=f"{init} {lang}")
-                eng = evaluate.sib200_scores(enc, head, eng_tok, langs=["eng_Latn"], **test)["eng_Latn"]
+                head, log = evaluate.finetune(enc, eng_tok, *task, args, device, seed, prefix, desc=f"{init} {lang}")
+                eng = evaluate.sib200_scores(enc, head, eng_tok, langs=["eng_Latn"], prefix=prefix, **test)["eng_Latn"]
                 use_vocab(enc, vocab_f)                                                    # the swap: zero-shot
                 cell = per_seed[seed].setdefault(row, {"eng_Latn": 0.0})           # eng_Latn: the mean over langs
                 cell["eng_Latn"], cell[lang] = cell["eng_Latn"] + eng / len(langs), evaluate.sib200_scores(
-                    enc, head, foreign_tok, langs=[lang], **test)[lang]
+                    enc, head, foreign_tok, langs=[lang], prefix=prefix, **test)[lang]
                 run[f"{init} fine-tune"] = {**log, "eng_Latn": eng, "seconds": round(time.time() - t, 1)}
                 if save:                                                   # the classifier needs no MLM head
                     enc.mlm = None
-                    model.save_pretrained(enc, f"{args.out_dir}/{lang}-classifier", foreign_tok, head, {"xlt_transfer": {
-                        "english_model": args.model, "lang": lang}})
+                    model.save_pretrained(enc, f"{args.out_dir}/{lang}-classifier", foreign_tok, head, {
+                        "xlt_prefix": prefix, "xlt_transfer": {"english_model": args.model, "lang": lang}})
             details["runs"][f"{lang}, seed {seed}"] = run
+    baselines = [("English model, no transfer", args.model), (f"{args.reference} (reference)", args.reference)]
     for seed in args.seeds:                        # the rows without a new vocabulary, all languages at once
-        for row, ckpt in (("English model, no transfer", args.model), (f"{args.reference} (reference)", args.reference)):
+        for row, ckpt in baselines:
             t, enc = time.time(), model.Encoder.from_pretrained(ckpt, dropout=args.dropout).to(device)
             if args.compile:
                 model.compile_blocks(enc)
             tok, pre = data.load_tokenizer(ckpt), evaluate.resolve_prefix(args.prefix, ckpt)
             enc.embed.word.weight.requires_grad_(args.train_embeddings)       # (never for the RAMEN rows)
             head, log = evaluate.finetune(enc, tok, *task, args, device, seed, pre, desc=row)
-            per_seed[seed][row] = evaluate.sib200_scores(enc, head, tok, langs=["eng_Latn", *langs], **{**test, "prefix": pre})
+            per_seed[seed][row] = evaluate.sib200_scores(enc, head, tok, langs=["eng_Latn", *langs], prefix=pre, **test)
             details["runs"][f"{row}, seed {seed}"] = {**log, "prefix": pre, "seconds": round(time.time() - t, 1)}
     per_seed = {s: {r: evaluate.with_averages(v, "eng_Latn") for r, v in rows.items()} for s, rows in per_seed.items()}
     mean, std = evaluate.mean_std(per_seed)
     tables = [f"SIB-200 test accuracy (%), fine-tuned on English only ({args.model}); {', '.join(langs)} zero-shot; "
-              f"mean ± std over seeds {args.seeds}\n\n" + evaluate.markdown_table(mean, "eng_Latn", std=std, averages=False)]
-    return evaluate.write_results(args, "transfer.py", "Tran (2020), From English To Foreign Languages: Transferring "
-                                  "Pre-trained Language Models, arXiv:2002.07306", per_seed, tables, details, device, t0)
+              f"mean ± std over seeds {args.seeds}\n\n"
+              + evaluate.markdown_table(mean, "eng_Latn", std=std, averages=False)]
+    paper = "Tran (2020), From English To Foreign Languages: Transferring Pre-trained Language Models, arXiv:2002.07306"
+    return evaluate.write_results(args, "transfer.py", paper, per_seed, tables, details, device, t0)
 
 
 def parse_args(argv):
@@ -438,6 +438,7 @@ def parse_args(argv):
     args = evaluate.parse(p, argv)
     args.data_dir = str(data.resolve_data_dir(args.data_dir))
     langs = evaluate.resolve_langs(args.langs, "sib200", args.data_dir, default=["deu_Latn"])
+    langs = [lang for lang in langs if lang != "eng_Latn"] if args.langs == "all" else langs
     if "eng_Latn" in langs:
         raise XltError("--langs: eng_Latn is the source language; name foreign languages (deu_Latn, ...)")
     if (args.parallel or args.mono) and len(langs) > 1:

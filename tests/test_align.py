@@ -274,7 +274,7 @@ def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
     runs = {"unaligned", "unaligned + code-switch p=0.5", "aligned", "aligned + code-switch p=0.5"}
     assert set(res["results"]["0"]) == runs | {"tatoeba before", "tatoeba after"}
     assert all(set(res["results"]["0"][r]) == {"eng_Latn", "deu_Latn", "avg", "zero-shot avg"} for r in runs)
-    assert set(res["results"]["0"]["tatoeba after"]) == {"deu", "fra", "avg"}         # the aligned languages
+    assert set(res["results"]["0"]["tatoeba after"]) == {"deu_Latn", "fra_Latn", "avg"}         # the aligned languages, by FLORES code
     seed = res["details"]["seed 0"]
     assert len(seed["tatoeba per layer"]["before"]["deu"]) == 3 and seed["tatoeba pairs"] == {"deu": 30, "fra": 30}
     assert [r["step"] for r in seed["alignment"]["log"]] == [2, 4]

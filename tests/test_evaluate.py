@@ -238,3 +238,10 @@ def test_resolve_prefix_is_explicit():
 def test_default_languages():
     assert len(ev.DEFAULT_SIB200_LANGS) == 14 and "eng_Latn" in ev.DEFAULT_SIB200_LANGS
     assert len({lang.split("_")[1] for lang in ev.DEFAULT_SIB200_LANGS}) >= 7       # scripts
+
+
+def test_prefix_auto_prefers_the_prefix_a_checkpoint_was_fine_tuned_with(tmp_path):
+    (tmp_path / "config.json").write_text('{"xlt_prefix": "query: "}')
+    assert ev.resolve_prefix("auto", tmp_path) == "query: " and ev.resolve_prefix(None, tmp_path) == "query: "
+    (tmp_path / "config.json").write_text('{"xlt_prefix": ""}')                 # saved as none: stays none
+    assert ev.resolve_prefix("auto", tmp_path) == "" and ev.resolve_prefix("passage: ", tmp_path) == "passage: "

@@ -185,7 +185,7 @@ def test_write_results_schema(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch_size", "-1"), ("--lr", "-1e-3"),
                                          ("--warmup", "1"), ("--dropout", "1.5"), ("--device", "gpu"),
-                                         ("--limit", "0"), ("--max_len", "x"), ("--seeds", "1 1")])
+                                         ("--limit", "0"), ("--max_len", "x"), ("--seeds", "1 1"), ("--seeds", "-1")])
 def test_common_flags_are_checked_by_argparse(flag, value, capsys):
     p = ev.add_common_args(ev.parser("x.py: a test."), "out/x", 1, 8, 1e-3, "languages")
     with pytest.raises(SystemExit) as e:
