@@ -305,7 +305,7 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix):
         if args.compile:
             model.compile_blocks(encoder)
         head, log = evaluate.finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix, args.pooling,
-                                      len(data.SIB200_LABELS), name, epoch_rows)
+                                      name, epoch_rows)
         scores = evaluate.sib200_scores(encoder, head, tok, data_dir, langs, device, max_len=args.max_len,
                                         prefix=prefix, limit=args.eval_limit)
         rows[name] = evaluate.with_averages(scores, "eng_Latn")

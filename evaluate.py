@@ -202,22 +202,25 @@ def per_layer_table(curves):
 
 
 # -------------------- The English fine-tune-and-select protocol (align.py, transfer.py) ----------
-def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", pooling="mean", num_labels=7,
-             desc="fine-tune", epoch_rows=None):
-    """Fine-tune encoder + a fresh ClassificationHead on train_rows (whatever requires grad trains), one
+def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", pooling="mean", desc="fine-tune",
+             epoch_rows=None):
+    """Fine-tune encoder + a fresh SIB-200 ClassificationHead on train_rows (whatever requires grad trains), one
     AdamW run with warmup/decay over args.epochs, and keep the epoch best on dev_rows (model selection on
     the training language only). epoch_rows(epoch) -> rows replaces train_rows per epoch (align.py's
     code-switching). Returns (head, log) with the best weights left in encoder and head."""
     model.set_seed(seed)                           # the same head init and dropout for every run
-    head = model.ClassificationHead(encoder.config.hidden_size, num_labels, pooling,
+    head = model.ClassificationHead(encoder.config.hidden_size, len(data.SIB200_LABELS), pooling,
                                     encoder.config.hidden_dropout_prob).to(device)
     pad = data.special_ids(tok)["pad"]
+    # tokenized once (per epoch only where epoch_rows changes the texts)
+    examples, dev = (data.encode_rows(tok, rows, args.max_len, prefix) for rows in (train_rows, dev_rows))
     opt = model.configure_optimizer([encoder, head], args.lr, args.weight_decay)
     total = args.epochs * -(-len(train_rows) // args.batch_size)
     losses, log = model.LossLog(args.log_every, total), {"dev_curve": [], "loss": []}
     best, step = None, 0
     for epoch in range(args.epochs):
-        examples = data.encode_rows(tok, epoch_rows(epoch) if epoch_rows else train_rows, args.max_len, prefix)
+        if epoch_rows:
+            examples = data.encode_rows(tok, epoch_rows(epoch), args.max_len, prefix)
         batches = data.bucket_batches([len(e["input_ids"]) for e in examples], args.batch_size, seed, epoch)
         encoder.train(), head.train()
         for idx in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{args.epochs}", leave=False):
@@ -232,11 +235,11 @@ def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", 
             if (mean := losses.add(loss)) is not None:
                 log["loss"].append([step, round(mean[0], 4)])
                 tqdm.write(f"[{desc}] step {step}/{total}  loss {mean[0]:.4f}  lr {lr:.2e}")
-        dev = classification_scores(encoder, head, tok, {"dev": dev_rows}, device, args.max_len, prefix)["dev"]
-        log["dev_curve"].append(round(dev, 2))
-        tqdm.write(f"[{desc}] epoch {epoch + 1}: dev accuracy {dev:.1f}")
-        if best is None or dev > best[0]:
-            best = (dev, epoch + 1, model.trainable_state(encoder, head))
+        dev_acc = accuracy(predict(encoder, head, dev, pad, device), [ex["label"] for ex in dev])
+        log["dev_curve"].append(round(dev_acc, 2))
+        tqdm.write(f"[{desc}] epoch {epoch + 1}: dev accuracy {dev_acc:.1f}")
+        if best is None or dev_acc > best[0]:
+            best = (dev_acc, epoch + 1, model.trainable_state(encoder, head))
     model.restore(best[2])
     log.update(dev=round(best[0], 2), best_epoch=best[1])
     return head, log
