@@ -124,9 +124,10 @@ def momentum_update(f_q, f_k, m):
     """theta_k <- m theta_k + (1 - m) theta_q for every parameter of f_k (MoCo Eq. 2). Parameters frozen in
     f_q are skipped: they are equal in both encoders and the update would leave them unchanged."""
     q_params = dict(f_q.named_parameters())
-    for name, p_k in f_k.named_parameters():
-        if q_params[name].requires_grad:
-            p_k.mul_(m).add_(q_params[name].detach(), alpha=1 - m)
+    pairs = [(p_k, q_params[name]) for name, p_k in f_k.named_parameters() if q_params[name].requires_grad]
+    keys, queries = [k for k, _ in pairs], [q for _, q in pairs]
+    torch._foreach_mul_(keys, m)            # one multi-tensor kernel each on CUDA, not two per parameter
+    torch._foreach_add_(keys, queries, alpha=1 - m)
 
 
 class KeyQueue:
@@ -152,14 +153,18 @@ class KeyQueue:
 def moco_loss(q, k, queue_keys, tau, query_ids=None, queue_ids=None):
     """InfoNCE (MoCo Eq. 1): -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_i exp(q.k_i/tau)), averaged over the
     batch. q, k: (B, D) unit vectors, k[j] the positive of q[j]; queue_keys: (K, D) negatives. With ids,
-    queue entries from the query's own pair id are left out of its negatives (another translation of it)."""
-    q, k = q.float(), k.float()
-    l_pos = (q * k).sum(1, keepdim=True)                              # (B, 1)
-    l_neg = q @ queue_keys.float().T                                  # (B, K)
-    if query_ids is not None:
-        l_neg = l_neg.masked_fill(query_ids[:, None] == queue_ids[None, :], float("-inf"))
-    logits = torch.cat([l_pos, l_neg], dim=1) / tau
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    queue entries from the query's own pair id are left out of its negatives (another translation of it).
+    Computed in fp32 with autocast off: under bf16 autocast the queue matmul would run in bf16, and with
+    logits divided by a small tau (0.07) its 3 significant digits show, so CPU and GPU would optimise
+    different losses."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float(), k.float()
+        l_pos = (q * k).sum(1, keepdim=True)                              # (B, 1)
+        l_neg = q @ queue_keys.float().T                                  # (B, K)
+        if query_ids is not None:
+            l_neg = l_neg.masked_fill(query_ids[:, None] == queue_ids[None, :], float("-inf"))
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 def sentence_vector(encoder, batch, pooling):

@@ -213,6 +213,62 @@ def bench_config(name, args, device, log):
     return res
 
 
+# Process start to the first optimizer step on e5 (a script's wait before training): load the tokenizer and
+# the weights, move them to the device, one AdamW step on one batch. argv: launch time (time.time()), device,
+# "ours" or the directory of the same weights in Hugging Face layout for transformers.
+FIRST_STEP = r"""
+import json, sys, time
+import torch
+import data, model
+device, what = torch.device(sys.argv[2]), sys.argv[3]
+texts = ["query: one short sentence to start with"] * 8
+if what == "ours":
+    tok = data.load_tokenizer("intfloat/multilingual-e5-small")
+    enc = model.Encoder.from_pretrained("intfloat/multilingual-e5-small", verbose=False).to(device)
+    batch = data.to_device(data.pad_batch(data.encode(tok, texts, 128), data.special_ids(tok)["pad"]), device)
+    forward = lambda: enc(batch["input_ids"], batch["attention_mask"])
+else:
+    import transformers
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=what + "/tokenizer.json", pad_token="<pad>")
+    enc = transformers.AutoModel.from_pretrained(what, add_pooling_layer=False).to(device)
+    batch = tok(texts, return_tensors="pt", padding=True).to(device)
+    forward = lambda: enc(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+opt = model.configure_optimizer([enc], 1e-5, 0.01)
+with model.autocast(device):
+    loss = forward().float().pow(2).mean()
+loss.backward()
+opt.step()
+if device.type == "cuda":
+    torch.cuda.synchronize()
+print(json.dumps({"seconds": time.time() - float(sys.argv[1])}))
+"""
+
+
+def first_step(device, log):
+    """Seconds from process start to the first optimizer step on e5, in fresh processes: ours with an empty
+    e5 cache (XLT_CACHE; the 4-bit file is dequantised and its tokenizer rebuilt), ours again (warm cache), and
+    transformers.AutoModel.from_pretrained on the same weights saved in Hugging Face layout."""
+    import json
+    import subprocess
+    import data
+    root = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory(prefix="xlt-first-step-") as tmp:
+        env = dict(os.environ, XLT_CACHE=os.path.join(tmp, "cache"), PYTHONPATH=root)
+        M.Encoder.from_pretrained("intfloat/multilingual-e5-small", verbose=False).save_pretrained(
+            os.path.join(tmp, "hf"), tokenizer=data.load_tokenizer("intfloat/multilingual-e5-small"))
+        times = {}
+        for label, what in (("ours, cold cache", "ours"), ("ours, warm cache", "ours"),
+                            ("transformers", os.path.join(tmp, "hf"))):
+            t0 = time.time()
+            r = subprocess.run([sys.executable, "-c", FIRST_STEP, repr(t0), str(device), what], env=env, cwd=tmp,
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise M.XltError(f"first-step run ({label}) failed: {r.stderr.strip().splitlines()[-1]}")
+            times[label] = json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
+            log(f"[first step] {label}: {times[label]:.1f} s from process start to the first optimizer step")
+    return times
+
+
 def report(results, args, cpu):
     """Three tables (evaluate.markdown_table, two decimals)."""
     speed, phases, words = {}, {}, {}
@@ -264,11 +320,15 @@ def main(argv=None, log=print):
            else ""))
     t0 = time.perf_counter()
     results = [bench_config(name, args, device, log) for name in args.configs]
+    first = first_step(device, log) if args.first_step else None
     meta.update(seconds=time.perf_counter() - t0, load_average_end=load()[0],
                 transformers=getattr(sys.modules.get("transformers"), "__version__", None))
     log("\n" + report(results, args, cpu=not cuda))
+    if first:
+        log("\nProcess start to the first optimizer step, e5 (s): "
+            + ", ".join(f"{label} {t:.1f}" for label, t in first.items()))
     log(f"{meta['seconds']:.0f} s; load average {meta['load_average_end']:.1f} at the end, on {os.cpu_count()} CPUs")
-    out = {"meta": meta, "args": vars(args), "results": results}
+    out = {"meta": meta, "args": vars(args), "results": results, **({"first_step": first} if first else {})}
     if args.json:
         evaluate.write_json(args.json, out)
     return out
@@ -288,6 +348,8 @@ def build_parser():
         "frozen in both models, as the scripts fine-tune (default: every parameter trainable)")
     add("--compile", action="store_true", help="torch.compile both models' forward")
     add("--no_reference", action="store_true", help="time model.py's encoder alone (no transformers)")
+    add("--first_step", action="store_true", help="also time process start to the first optimizer step on e5, "
+        "ours with a cold and a warm cache and transformers' from_pretrained, in fresh processes")
     add("--peak_size", type=pos, default=None, help="side of the peak's square matmul (default 4096; CUDA 8192)")
     add("--peak_tflops", type=evaluate.positive_float, default=None, help="dense bf16 peak for the MFU "
         "(default on CUDA: CARD_PEAKS by the card's name)")

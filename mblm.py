@@ -33,6 +33,7 @@ classifier per branch that model.load_with_head loads, with OUT_DIR/mblm/mblm.js
         --epochs 5 --teachers eng_Latn=roberta-base,fra_Latn=camembert-base,deu_Latn=bert-base-german-cased
 """
 import copy
+import itertools
 import json
 import math
 import time
@@ -193,29 +194,39 @@ def mblm_loss(m, batch, lang, alpha, temperature, zs_weight, mixture="uniform"):
 
 # -------------------- 3. Examples, cached frozen states, batches ----------------------------------------
 def collate(examples, pad_id, device):
-    """data.pad_batch, plus the examples' cached 'states' (padded) and 'teacher_logits', if they have them."""
-    batch = data.pad_batch(examples, pad_id)
-    T = batch["input_ids"].shape[1]
+    """data.pad_batch, plus the examples' cached 'states' (zero-padded, gathered on the device in one
+    indexing op) and 'teacher_logits', if they have them."""
+    batch = data.to_device(data.pad_batch(examples, pad_id), device)
     if "states" in examples[0]:
-        batch["states"] = torch.stack([F.pad(e["states"], (0, 0, 0, T - len(e["states"]))) for e in examples])
+        table = examples[0]["states"]["table"]
+        lengths = torch.tensor([len(e["input_ids"]) for e in examples])
+        starts = torch.tensor([e["states"]["start"] for e in examples])
+        t = torch.arange(batch["input_ids"].shape[1])
+        rows = torch.where(t < lengths[:, None], starts[:, None] + t, len(table) - 1)    # padding: the zero row
+        batch["states"] = table[rows.to(table.device, non_blocking=True)]
     if "teacher_logits" in examples[0]:
-        batch["teacher_logits"] = torch.stack([e["teacher_logits"] for e in examples])
-    return data.to_device(batch, device)
+        batch["teacher_logits"] = torch.stack([e["teacher_logits"] for e in examples]).to(device)
+    return batch
 
 
 def frozen_states(encoder, examples, n_blocks, pad_id, device, desc="cache"):
-    """Store in each example the output of the encoder's first n_blocks blocks ('states', (T, H) float32
-    on the CPU, no padding). The frozen blocks never change, so this runs once per model and dataset."""
+    """Cache the output of the encoder's first n_blocks blocks for every example: the token states of all
+    examples, unpadded, in one float32 (tokens + 1, H) table on `device` whose last row is zeros (the
+    padding), and in each example 'states' = {'table': table, 'start': its first row}. The frozen blocks never change, so this
+    runs once per model and dataset, and a training step gathers its batch from the table (collate)."""
     if n_blocks == 0:
         return
+    parts = [None] * len(examples)
     with model.evaluating(encoder):
         for idx in tqdm(evaluate.length_batches(examples, EVAL_BATCH), desc=desc, leave=False):
             batch = collate([examples[i] for i in idx], pad_id, device)
             with model.autocast(device):
                 h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], layers=n_blocks)
-            h = h.float().cpu()
             for row, i in enumerate(idx):
-                examples[i]["states"] = h[row, :len(examples[i]["input_ids"])].clone()
+                parts[i] = h[row, :len(examples[i]["input_ids"])].float()
+    table = torch.cat(parts + [parts[0].new_zeros(1, parts[0].shape[1])])
+    for e, start in zip(examples, itertools.accumulate([0] + [len(x) for x in parts[:-1]])):
+        e["states"] = {"table": table, "start": start}
 
 
 def predict(m, examples, lang, pad_id, device):

@@ -11,6 +11,16 @@ sys.path.insert(0, str(REPO))          # the scripts are top-level modules: `pyt
 
 
 @pytest.fixture(scope="session")
+def device():
+    """The device the end-to-end tests pass as --device: $XLT_TEST_DEVICE, default cpu (never 'auto', so a
+    machine with a GPU runs the same tests as CI unless asked; .ci/gpu sets it to cuda)."""
+    name = os.environ.get("XLT_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"XLT_TEST_DEVICE={name} but CUDA is not available")
+    return name
+
+
+@pytest.fixture(scope="session")
 def data_dir():
     """The shared data: $XLT_DATA, else ../shared/data beside the repo. Skipped (with the reason) only
     where it is absent; CI sets XLT_DATA, so there it never skips."""

@@ -54,6 +54,20 @@ def test_moco_loss_matches_hand_computation():
     assert got != pytest.approx(sum(expected) / 2, rel=1e-3)
 
 
+def test_moco_loss_is_fp32_under_bf16_autocast():
+    """The loss is the same number with or without a bf16 autocast around it (the GPU scripts' setting)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (F.normalize(torch.randn(8, 64, generator=g), dim=1) for _ in range(2))
+    queue = F.normalize(torch.randn(256, 64, generator=g), dim=1)
+    plain = align.moco_loss(q, k, queue, 0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = align.moco_loss(q, k, queue, 0.07)
+        bf16 = F.cross_entropy(torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.07,
+                               torch.zeros(8, dtype=torch.long))
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+    assert bf16.item() != pytest.approx(plain.item(), abs=1e-4)     # what autocast alone would have computed
+
+
 def test_momentum_update_formula_and_frozen_skip():
     f_q = tiny_encoder(0)
     f_k = align.key_encoder(f_q)
@@ -261,11 +275,11 @@ def test_bad_languages(data_dir):
 SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
 
 
-def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path):
+def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path, device):
     ckpt = tiny_checkpoint()
     out = tmp_path / "out"
     result = align.main(["--model", str(ckpt), "--data_dir", str(data_dir), "--out_dir", str(out),
-                         "--device", "cpu", "--align_langs", "deu_Latn,fra_Latn", "--align_steps", "4",
+                         "--device", device, "--align_langs", "deu_Latn,fra_Latn", "--align_steps", "4",
                          "--align_batch_size", "8", "--queue_size", "16", "--epochs", "1", "--batch_size", "32",
                          "--lr", "1e-3", "--langs", "eng_Latn,deu_Latn", "--eval_limit", "30", "--limit", "96",
                          "--max_len", "64", "--log_every", "2"])

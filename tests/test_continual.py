@@ -294,13 +294,13 @@ def test_gem_finetune_counts_projections(tiny_checkpoint):
 # end to end, and bad input
 # ----------------------------------------------------------------------------------------------------
 
-def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path):
+def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
     ckpt = tiny_checkpoint(mlm_head=False, hidden=32, layers=2)
     out = tmp_path / "out"
     argv = ["--method", "all", "--model", str(ckpt), "--data_dir", str(data_dir), "--out_dir", str(out),
             "--langs", "deu_Latn,fra_Latn", "--limit", "16", "--eval_limit", "8", "--memory_langs",
             "eng_Latn,deu_Latn", "--memory_per_lang", "4", "--memory_eval_per_lang", "2", "--mlm_head_steps", "3",
-            "--batch_size", "8", "--max_len", "32", "--freeze_layers", "1", "--seeds", "0"]
+            "--batch_size", "8", "--max_len", "32", "--freeze_layers", "1", "--seeds", "0", "--device", device]
     res = continual.main(argv)
     saved = json.loads((out / "results.json").read_text())
     assert {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds",

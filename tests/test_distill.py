@@ -259,14 +259,14 @@ def test_pair_task_labels_out_of_range(tmp_path):
 SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
 
 
-def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path):
+def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
     teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
     student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
     out = tmp_path / "out"
     langs = ["eng_Latn", "deu_Latn", "amh_Ethi"]
     result = distill.main(["--teacher", str(teacher), "--student", str(student), "--data_dir", str(data_dir),
                            "--out_dir", str(out), "--langs", ",".join(langs), "--limit", "32",
-                           "--eval_limit", "16", "--epochs", "2", "--batch_size", "8", "--log_every", "2"])
+                           "--eval_limit", "16", "--epochs", "2", "--batch_size", "8", "--log_every", "2", "--device", device])
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) == SCHEMA and saved["script"] == "distill.py" and saved["seeds"] == [1]
     assert saved["results"] == json.loads(json.dumps(result["results"]))
@@ -293,8 +293,8 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path):
     tok = data.load_tokenizer(out / "baseline")
     rows = data.subset(data.read_sib200(data_dir, "deu_Latn", "test"), 16)
     examples = distill.encode_rows(tok, rows, 128, cfg["xlt_prefix"])
-    acc = distill.score(distill.Classifier(enc, head), examples, data.special_ids(tok)["pad"], "accuracy",
-                        torch.device("cpu"))
+    acc = distill.score(distill.Classifier(enc, head).to(device), examples, data.special_ids(tok)["pad"],
+                        "accuracy", torch.device(device))     # like with like: the device that trained it
     assert acc == saved["results"]["1"]["baseline"]["deu_Latn"]
 
 

@@ -207,7 +207,13 @@ def test_cached_frozen_states_give_the_same_outputs():
                  "token_type_ids": [0] * int(b["attention_mask"][i].sum()), "label": 1} for i in range(3)]
     plain = [dict(e) for e in examples]
     mblm.frozen_states(m.encoder, examples, 2, pad_id=0, device=torch.device("cpu"))
-    assert examples[0]["states"].shape == (4, 16) and examples[1]["states"].shape == (5, 16)
+    table, lengths = examples[0]["states"]["table"], [len(e["input_ids"]) for e in examples]
+    assert lengths[:2] == [4, 5] and table.shape == (sum(lengths) + 1, 16) and not table[-1].any()
+    assert [e["states"]["start"] for e in examples] == [0, 4, 9]
+    assert all(e["states"]["table"] is table for e in examples)
+    with torch.no_grad():        # each example's rows are the frozen blocks' output of that example alone
+        alone = m.encoder(torch.tensor([examples[1]["input_ids"]]), layers=2)[0]
+    torch.testing.assert_close(table[4:9], alone)
     for lang in ["eng_Latn", "spa_Latn"]:
         torch.testing.assert_close(mblm.predict(m, examples, lang, 0, "cpu"), mblm.predict(m, plain, lang, 0, "cpu"))
     mblm.freeze(m)
@@ -272,7 +278,7 @@ def test_bad_arguments(data_dir):
         mblm.main(["--data_dir", str(data_dir), "--teachers", "eng_Latn=/nonexistent", "--variants", "mblm"])
 
 
-def test_end_to_end(tiny_checkpoint, data_dir, tmp_path):
+def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
     """main() on tiny random models, two seeds: one plain teacher (fine-tuned here) and one saved
     classifier (used as is)."""
     student = tiny_checkpoint("student", layers=3, seed=0)
@@ -286,7 +292,8 @@ def test_end_to_end(tiny_checkpoint, data_dir, tmp_path):
                    "--teachers", f"eng_Latn={plain},fra_Latn={tmp_path / 'clf_fr'}",
                    "--langs", "eng_Latn,fra_Latn,deu_Latn,zho_Hans", "--limit", "12", "--eval_limit", "10",
                    "--epochs", "2", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2",
-                   "--batch_size", "4", "--out_dir", str(out), "--mixture", "random", "--seeds", "0", "1"])
+                   "--batch_size", "4", "--out_dir", str(out), "--mixture", "random", "--seeds", "0", "1",
+                   "--device", device])
     assert r == json.loads((out / "results.json").read_text())
     assert set(r) == {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware",
                       "seconds", "details"}

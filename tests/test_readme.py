@@ -28,7 +28,7 @@ def test_every_method_script_has_a_smoke_run():
 
 
 @pytest.mark.parametrize("argv", SMOKE, ids=[argv[1] for argv in SMOKE])
-def test_smoke_run(argv, tiny_checkpoint, data_dir, tmp_path):
+def test_smoke_run(argv, tiny_checkpoint, data_dir, tmp_path, device):
     script = argv[1][:-3]
     tiny = str(tiny_checkpoint(mlm_head=script != "continual"))     # continual fits a head where there is none
     models = {"distill": ["--teacher", tiny, "--student", tiny],
@@ -37,7 +37,7 @@ def test_smoke_run(argv, tiny_checkpoint, data_dir, tmp_path):
               "transfer": ["--model", tiny, "--reference", tiny]}[script]
     out = tmp_path / "out"
     result = importlib.import_module(script).main(argv[2:] + models + ["--data_dir", str(data_dir), "--out_dir",
-                                                                       str(out), "--device", "cpu"])
+                                                                       str(out), "--device", device])
     saved = json.loads((out / "results.json").read_text())
     assert saved["script"] == argv[1] and saved["results"] and result["mean"] == saved["mean"]
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]     # --no_save saves no model
