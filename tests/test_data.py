@@ -554,3 +554,27 @@ def test_download_nusax_brings_the_mt_files_read_nusax_mt_reads(tmp_path, monkey
     for split in ("train", "valid", "test"):
         assert (tmp_path / "nusax" / "mt" / f"{split}.csv").is_file()
         assert any(u.endswith(f"/datasets/mt/{split}.csv") for u in urls)
+
+
+def test_mask_tokens_same_masks_as_the_uncached_pool():
+    """The replacement pool is cached per (specials, vocabulary size): the masks equal those of the code
+    that rebuilt it on every call (inlined here), for the same generator, call after call."""
+    def old(input_ids, attention_mask, special_ids, mask_id, vocab_size, generator, prob=0.15):
+        shape = input_ids.shape
+        special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        chosen = torch.bernoulli(torch.full(shape, prob), generator=generator).bool()
+        action = torch.rand(shape, generator=generator)
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        allowed[special[special < vocab_size]] = False
+        pool = allowed.nonzero().squeeze(1)
+        random_ids = pool[torch.randint(len(pool), shape, generator=generator)]
+        chosen = chosen & attention_mask.bool() & ~torch.isin(input_ids, special)
+        labels = torch.where(chosen, input_ids, -100)
+        masked = torch.where(chosen & (action < 0.8), mask_id, input_ids)
+        return torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked), labels
+    ids, attention = random_batch(16, 64, 1000, seed=3)
+    g_new, g_old = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for vocab_size, specials in ((1000, SPECIALS), (1000, SPECIALS), (700, {CLS, PAD, SEP, UNK, MASK, 800})):
+        new = data.mask_tokens(ids, attention, specials, MASK, vocab_size, g_new, prob=0.5)
+        ref = old(ids, attention, specials, MASK, vocab_size, g_old, prob=0.5)
+        assert torch.equal(new[0], ref[0]) and torch.equal(new[1], ref[1])
