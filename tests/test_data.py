@@ -169,11 +169,27 @@ SIB_HEADER = "index_id\tcategory\ttext\n"
 
 def test_sib200_quoting(tmp_path):
     write(tmp_path / "sib200" / "xx_Latn" / "dev.tsv",
-          SIB_HEADER + '5\tsports\t"He said ""hi""\tthere"\n12\ttravel\tplain text\n')
+          SIB_HEADER + '5\tsports\t"He said ""hi"" there"\n12\ttravel\tplain text\n')
     rows = data.read_sib200(tmp_path, "xx_Latn", "dev")
     assert rows == [{"index_id": 5, "label": data.SIB200_LABELS.index("sports"), "category": "sports",
-                     "text": 'He said "hi"\tthere'},
+                     "text": 'He said "hi" there'},
                     {"index_id": 12, "label": 6, "category": "travel", "text": "plain text"}]
+
+
+@pytest.mark.parametrize("body, message", [
+    # one stray quote at the start of a text swallowed the rows up to the next quote (93 of 204 rows of a test set)
+    ('1\tsports\t"Stray quote\n2\tsports\tok\n3\ttravel\tends with a quote"\n', "line 2: a quoted field runs on to "
+     "line 4"),
+    ('1\tsports\t"Stray quote\n2\tsports\tok\n3\ttravel\t"quoted" text\n', "line 2: '\\t' expected after '\"'"),
+    ('1\tsports\tok\n2\tsports\t"Stray quote\n3\tsports\tok\n', "line 3: unexpected end of data"),
+    ('1\tsports\t"a\tb"\n', "line 2: a quoted field holds a tab"),
+    ('1\tsports\t"quoted" and more\n', "line 2: '\\t' expected after '\"'"),
+])
+def test_sib200_stray_quote_names_the_line_it_starts(tmp_path, body, message):
+    path = write(tmp_path / "sib200" / "xx_Latn" / "test.tsv", SIB_HEADER + body)
+    with pytest.raises(DataError) as e:
+        data.read_sib200(tmp_path, "xx_Latn", "test")
+    assert str(e.value).startswith(f"{path} {message}")
 
 
 @pytest.mark.parametrize("body, message", [
@@ -192,6 +208,37 @@ def test_sib200_malformed(tmp_path, body, message):
 def test_sib200_bad_header(tmp_path):
     path = write(tmp_path / "sib200" / "xx_Latn" / "train.tsv", "id\tlabel\ttext\n1\tsports\tok\n")
     with pytest.raises(DataError, match=f"{path} line 1: expected the header"):
+        data.read_sib200(tmp_path, "xx_Latn", "train")
+
+
+def test_sib200_all_languages_load(data_dir):
+    need(data_dir, "sib200")
+    sizes = {(lang, split): len(data.read_sib200(data_dir, lang, split))
+             for lang in data.sib200_languages(data_dir) for split in ("train", "dev", "test")}
+    assert len(sizes) == 3 * 205 and set(sizes.values()) == {701, 99, 204}
+
+
+def test_sib200_bytes_and_layout(tmp_path):
+    """Undecodable bytes name the line they are on (the csv reader's count said line 0); a BOM and CRLF line
+    ends are read as the text they carry; a NUL byte, a header alone, a reused index_id and a directory
+    in place of the file are each one line."""
+    path = tmp_path / "sib200" / "xx_Latn" / "train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes((SIB_HEADER + "1\tsports\tok\n2\tsports\tcaf").encode() + b"\xe9\n")
+    with pytest.raises(DataError, match=f"^{path} line 3: not UTF-8 \\(byte 0xe9\\)$"):
+        data.read_sib200(tmp_path, "xx_Latn", "train")
+    path.write_bytes(b"\xef\xbb\xbf" + (SIB_HEADER + "1\tsports\tok\n").replace("\n", "\r\n").encode())
+    assert data.read_sib200(tmp_path, "xx_Latn", "train") == [
+        {"index_id": 1, "label": data.SIB200_LABELS.index("sports"), "category": "sports", "text": "ok"}]
+    for body, message in (("1\tsports\tok\n2\tsports\tn\0t\n", " line 3: a NUL byte"), ("", ": a header but no rows"),
+                          ("1\tsports\tok\n\n1\ttravel\tagain\n", " line 4: index_id 1 again (first on line 2)")):
+        write(path, SIB_HEADER + body)
+        with pytest.raises(DataError) as e:
+            data.read_sib200(tmp_path, "xx_Latn", "train")
+        assert str(e.value).startswith(f"{path}{message}")
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match=f"^{path} is a directory, not a file; run `python data.py download"):
         data.read_sib200(tmp_path, "xx_Latn", "train")
 
 
@@ -215,6 +262,17 @@ def test_tatoeba_mismatched_lengths(tmp_path):
         data.read_tatoeba(tmp_path, "xyz")
     write(b, "one\ntwo\r\nthree\n")       # a stray \r must not break alignment
     assert data.read_tatoeba(tmp_path, "xyz") == (["eins", "zwei", "drei"], ["one", "two", "three"])
+
+
+def test_tatoeba_empty_sides(tmp_path):
+    a = write(tmp_path / "tatoeba" / "tatoeba.xyz-eng.xyz", "")
+    b = write(tmp_path / "tatoeba" / "tatoeba.xyz-eng.eng", "one\n")
+    with pytest.raises(DataError, match=f"^{a} is empty$"):
+        data.read_tatoeba(tmp_path, "xyz")
+    write(a, "eins\n\n")
+    write(b, "one\ntwo\n")
+    with pytest.raises(DataError, match=f"^{a} line 2: an empty sentence"):
+        data.read_tatoeba(tmp_path, "xyz")
 
 
 def test_nusax(data_dir, tmp_path):
@@ -280,6 +338,11 @@ def test_read_parallel_and_mono(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope.txt'} does not exist"):
         data.read_parallel(tmp_path / "nope.txt", b)
     assert data.read_mono(write(tmp_path / "m.txt", "one\n\n  two \n\n")) == ["one", "two"]
+    for reader in (data.read_mono, data.read_parallel, data.read_pair_tsv):
+        with pytest.raises(DataError, match=f"^{tmp_path / 'e.txt'} is empty$"):
+            reader(write(tmp_path / "e.txt", " \n"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'h.tsv'}: a header but no rows$"):
+        data.read_pair_tsv(write(tmp_path / "h.tsv", "premise\thypo\tlabel\n"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,6 +381,21 @@ def test_conllu_malformed(tmp_path, line, message):
     with pytest.raises(DataError) as e:
         data.read_conllu(path)
     assert str(e.value) == f"{path} {message}"
+
+
+def test_conllu_bad_bytes_and_empty_files(tmp_path):
+    raw = CONLLU.encode().replace("marché".encode(), b"march\xe9", 1)           # Latin-1, on line 2
+    path = tmp_path / "latin1.conllu"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=f"^{path} line 2: not UTF-8 \\(byte 0xe9\\)$"):
+        data.read_conllu(path)
+    for name, text, message in (("empty.conllu", "", "is empty"), ("blank.conllu", "\n\n", "is empty"),
+                                ("comments.conllu", "# sent_id = 1\n\n", ": no sentences")):
+        path = write(tmp_path / name, text)
+        with pytest.raises(DataError, match=f"^{path} ?{message}"):
+            data.read_conllu(path)
+    with pytest.raises(DataError, match=f"^{tmp_path} is a directory, not a file$"):
+        data.read_conllu(tmp_path)
 
 
 def test_ud_real(data_dir):
