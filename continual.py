@@ -307,6 +307,7 @@ def main(argv=None):
     for seed in args.seeds:
         model.set_seed(seed)
         enc = model.Encoder.from_pretrained(args.model, mlm_head=True, dropout=args.dropout).to(device)
+        evaluate.check_max_len(args.max_len, enc, args.model)
         if "freeze" in methods:
             set_trainable(enc, "freeze", args.freeze_layers)          # checks --freeze_layers before training
         if args.compile:
@@ -376,18 +377,20 @@ def parse_args(argv=None):
                    f"({','.join(PAIRED)}; default: {','.join(DEFAULT_LANGS)})",
         limit_help="EWT training sentences, evenly spaced (of 12,544)")
     p.set_defaults(limit=2000)
-    p.add_argument("--model", default="intfloat/multilingual-e5-small", help="encoder (hub name or dir)")
+    p.add_argument("--model", type=evaluate.nonempty, default="intfloat/multilingual-e5-small",
+                   help="encoder (hub name or dir)")
     p.add_argument("--method", default="all", choices=METHODS + ("all",), help="one method, or all four")
     p.add_argument("--eval_every", type=evaluate.nonneg_int, default=50, help="steps between EWT-dev "
                    "evaluations (model selection; also after the last step); 0 = once per epoch")
     p.add_argument("--freeze_layers", type=evaluate.nonneg_int, default=6, help="freeze: bottom blocks frozen")
     p.add_argument("--mlm_weight", type=evaluate.nonneg_float, default=1.0, help="multitask: the lambda of MLM")
-    p.add_argument("--memory_langs", default=",".join(["eng_Latn"] + PAIRED), help="SIB-200 languages of the memory")
+    p.add_argument("--memory_langs", type=evaluate.name_list, default=",".join(["eng_Latn"] + PAIRED),
+                   help="SIB-200 languages of the memory")
     p.add_argument("--memory_per_lang", type=evaluate.positive_int, default=100, help="memory sentences per language")
     p.add_argument("--memory_batch_size", type=evaluate.positive_int, default=8, help="memory sentences per MLM step")
     p.add_argument("--memory_eval_per_lang", type=evaluate.nonneg_int, default=8, help="SIB-200 dev sentences "
                    "per memory language to measure MLM before/after (evenly spaced; 0 = skip)")
-    p.add_argument("--mlm_prob", type=evaluate.fraction, default=0.15, help="fraction of tokens masked for MLM")
+    p.add_argument("--mlm_prob", type=evaluate.rate, default=0.15, help="fraction of tokens masked for MLM")
     p.add_argument("--mlm_vocab", default="memory", choices=("memory", "full"), help="MLM softmax over the ids of "
                    "the memory and held-out text (cheap) or over all ids")
     p.add_argument("--mlm_head_steps", type=evaluate.positive_int, default=500, help="steps (of 64 masked tokens) "

@@ -729,8 +729,18 @@ if __name__ == "__main__":
                                      description="xlt data: fetch the public datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download SIB-200, Tatoeba and UD (and NusaX with --only)")
-    p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--only", default="sib200,tatoeba,ud", help="comma-separated subset of sib200,tatoeba,ud,nusax")
+
+    def checked(test, what):                 # an argparse type (evaluate.py's own cannot be imported here)
+        def parse(text):
+            if not test(text):
+                raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+            return text
+        return parse
+    names = ("sib200", "tatoeba", "ud", "nusax")
+    p.add_argument("--data_dir", type=checked(str.strip, "a folder"), default=None,
+                   help="where to put them (default: $XLT_DATA, else ~/.cache/xlt/data)")
+    p.add_argument("--only", default="sib200,tatoeba,ud", help=f"comma-separated subset of {','.join(names)}",
+                   type=checked(lambda v: all(x.strip() in names for x in v.split(",")), f"a subset of {names}"))
     args = parser.parse_args()
     try:
         download(resolve_data_dir(args.data_dir), [name.strip() for name in args.only.split(",")])
