@@ -131,12 +131,13 @@ def test_download_is_resumable(tmp_path, monkeypatch):
     assert urls == [ewt.read_text()]
 
 
-def test_cli_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "data.py", "download", "--data_dir", str(tmp_path), "--only", "bogus"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["error: unknown dataset 'bogus' (can download sib200, tatoeba, "
-                                             "nusax, ud)"]
+def test_cli_flags_are_checked_before_any_download(tmp_path):
+    for only in ("bogus", "sib200,,ud"):
+        r = subprocess.run([sys.executable, "data.py", "download", "--data_dir", str(tmp_path), "--only", only],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and not any(tmp_path.iterdir())
+        assert r.stderr.splitlines()[-1] == (f"data.py download: error: argument --only: {only!r} is not a subset "
+                                             "of ('sib200', 'tatoeba', 'ud', 'nusax')")
 
 
 # ----------------------------------------------------------------------------------------------------
