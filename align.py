@@ -268,9 +268,7 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix):
     timings, t = {}, time.time()
     model.set_seed(seed)                    # a fresh MLM head is drawn here for e5/MiniLM
     f_q = model.Encoder.from_pretrained(args.model, mlm_head=args.tlm_weight > 0, dropout=args.dropout).to(device)
-    c = f_q.config          # + 8: data.pad_batch pads T up to a multiple of 8, and BERT-style models number pads
-    if args.max_len + 8 + c.position_offset > c.max_position_embeddings:
-        raise XltError(f"--max_len {args.max_len}: the model has only {c.max_position_embeddings} positions")
+    evaluate.check_max_len(args.max_len, f_q, args.model)
 
     def tatoeba(encoder):                   # xx->en top-1 of every hidden state, mean pooling
         return evaluate.tatoeba(encoder, tok, data_dir, tatoeba_langs, device, True, args.eval_limit, prefix,
@@ -379,18 +377,18 @@ def build_parser():
         evaluate.parser(__doc__), out_dir="out/align", epochs=2, batch_size=32, lr=1e-4, seeds=(0,),
         langs_help=f"SIB-200 test languages (default: {','.join(EVAL_LANGS)})", eval_limit=200,
         limit_help="fine-tune on N English SIB-200 training rows, evenly spaced (default: all 701)")
-    p.add_argument("--model", default="intfloat/multilingual-e5-small", help="encoder to align (hub name or "
-                   "directory; default: the embedded multilingual-e5-small)")
-    p.add_argument("--align_langs", default="deu_Latn,hin_Deva,swh_Latn,zho_Hans",
+    p.add_argument("--model", type=evaluate.nonempty, default="intfloat/multilingual-e5-small",
+                   help="encoder to align (hub name or directory; default: the embedded multilingual-e5-small)")
+    p.add_argument("--align_langs", type=evaluate.name_list, default="deu_Latn,hin_Deva,swh_Latn,zho_Hans",
                    help="SIB-200 languages paired with English (train split) for alignment, which code-switching "
                    "translates into and Tatoeba measures ('all': the 204 other than English)")
-    p.add_argument("--parallel", nargs="+", default=None, metavar="FILE",
+    p.add_argument("--parallel", type=evaluate.nonempty, nargs="+", default=None, metavar="FILE",
                    help="align on this parallel text instead: one TSV with two columns, or two line-aligned files")
     p.add_argument("--align_steps", type=evaluate.positive_int, default=60, help="alignment steps")
     p.add_argument("--align_batch_size", type=evaluate.positive_int, default=16, help="parallel pairs per step")
-    p.add_argument("--align_lr", type=evaluate.nonneg_float, default=3e-5, help="alignment peak learning rate")
+    p.add_argument("--align_lr", type=evaluate.positive_float, default=3e-5, help="alignment peak learning rate")
     p.add_argument("--tlm_weight", type=evaluate.nonneg_float, default=1.0, help="loss = w * TLM + MoCo (0: MoCo only)")
-    p.add_argument("--mask_prob", type=evaluate.probability, default=0.15, help="TLM masking rate (BERT's 15%%)")
+    p.add_argument("--mask_prob", type=evaluate.rate, default=0.15, help="TLM masking rate (BERT's 15%%)")
     p.add_argument("--queue_size", type=evaluate.positive_int, default=256, help="MoCo K: negatives in the queue")
     p.add_argument("--momentum", type=evaluate.fraction, default=0.99, help="MoCo m of the key encoder")
     p.add_argument("--temperature", type=evaluate.positive_float, default=0.07, help="MoCo tau (MoCo v1's)")

@@ -353,8 +353,8 @@ def build_parser():
     add("--peak_size", type=pos, default=None, help="side of the peak's square matmul (default 4096; CUDA 8192)")
     add("--peak_tflops", type=evaluate.positive_float, default=None, help="dense bf16 peak for the MFU "
         "(default on CUDA: CARD_PEAKS by the card's name)")
-    add("--seed", type=int, default=0, help="seed of the random weights and batch")
-    add("--json", default=None, help="also write the results to this file")
+    add("--seed", type=evaluate.nonneg_int, default=0, help="seed of the random weights and batch")
+    add("--json", type=evaluate.nonempty, default=None, help="also write the results to this file")
     return p
 
 

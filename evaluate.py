@@ -356,8 +356,16 @@ positive_float = _checked(float, lambda v: v > 0 and v != float("inf"), "positiv
 nonneg_float = _checked(float, lambda v: 0 <= v < float("inf"), "non-negative number")
 probability = _checked(float, lambda v: 0 <= v <= 1, "probability in [0, 1]")
 fraction = _checked(float, lambda v: 0 <= v < 1, "number in [0, 1)")
+rate = _checked(float, lambda v: 0 < v < 1, "number in (0, 1)")
+# At least a few words beside the special tokens; below 3 data.tlm_example could never fit a pair.
+token_count = _checked(int, lambda v: v >= 8, "number of tokens >= 8")
 device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                        "device (auto, cpu, cuda or cuda:N)")
+# A path or hub name: '' would silently mean the current folder (--out_dir) or $XLT_DATA (--data_dir).
+nonempty = _checked(str, lambda v: v.strip() != "", "non-empty path or name")
+# --langs and friends: 'a,b' (or 'all'); '' or an empty entry ('a,,b') is a typo, not the default.
+name_list = _checked(str, lambda v: all(x.strip() for x in v.split(",")), "comma-separated list without empty "
+                     "entries")
 
 
 def parser(doc):
@@ -369,19 +377,20 @@ def parser(doc):
 def add_common_args(p, out_dir, epochs, batch_size, lr, langs_help, max_len=128, log_every=10, seeds=(1,),
                     limit_help="use N training rows, evenly spaced", eval_limit=None):
     """The flags every method script shares, with the same meaning everywhere."""
-    p.add_argument("--langs", default=None, help=langs_help)
-    p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
-    p.add_argument("--out_dir", default=out_dir, help="results.json, results.md and the saved models")
+    p.add_argument("--langs", type=name_list, default=None, help=langs_help)
+    p.add_argument("--data_dir", type=nonempty, default=None, help="data folder (default: $XLT_DATA, else "
+                   "~/.cache/xlt/data)")
+    p.add_argument("--out_dir", type=nonempty, default=out_dir, help="results.json, results.md and the saved models")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--seeds", type=nonneg_int, nargs="+", default=list(seeds), help="one whole experiment per seed; "
                    "results.json has each and their mean and std")
     p.add_argument("--compile", action="store_true", help="torch.compile the Transformer blocks")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     p.add_argument("--batch_size", type=positive_int, default=batch_size, help="sentences per training step")
-    p.add_argument("--lr", type=nonneg_float, default=lr, help="peak learning rate")
+    p.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate")
     p.add_argument("--weight_decay", type=nonneg_float, default=0.01, help="AdamW's, on matrices only")
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of the steps with linear warmup")
-    p.add_argument("--max_len", type=positive_int, default=max_len, help="subword tokens per input")
+    p.add_argument("--max_len", type=token_count, default=max_len, help="subword tokens per input")
     p.add_argument("--dropout", type=fraction, default=None, help="set every dropout probability (default: "
                    "the checkpoint's own, 0.1 for the defaults); 0 makes CPU runs deterministic")
     p.add_argument("--prefix", default="auto", help="text before every input: 'auto' = 'query: ' for "
@@ -403,6 +412,15 @@ def parse(p, argv):
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must be distinct, got {args.seeds}")
     return args
+
+
+def check_max_len(max_len, encoder, name):
+    """--max_len against a loaded model's position table, which argparse cannot know: RoBERTa numbers real
+    tokens from pad + 1 (the offset); BERT numbers the padding too, and data.pad_batch pads to a multiple of 8."""
+    c = encoder.config
+    limit = c.max_position_embeddings - c.position_offset if c.position_offset else c.max_position_embeddings // 8 * 8
+    if max_len > limit:
+        raise XltError(f"--max_len {max_len}: {name} has {c.max_position_embeddings} positions, so at most {limit}")
 
 
 def cli(main):
@@ -476,27 +494,29 @@ def load_finetuned(path, task):
 def main(argv=None):
     p = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Zero-shot cross-lingual evaluation of a "
                                 "fine-tuned classifier/tagger (sib200, pos, nusax, xnli) or of retrieval (tatoeba).")
-    p.add_argument("--model", required=True, help="hub name or directory; sib200/pos/nusax/xnli need a "
+    p.add_argument("--model", type=nonempty, required=True, help="hub name or directory; sib200/pos/nusax/xnli need a "
                    "directory saved with a task head (save_pretrained(..., head=...))")
     p.add_argument("--task", required=True, choices=("sib200", "tatoeba", "pos", "nusax", "xnli"),
                    help="what to evaluate")
-    p.add_argument("--langs", default=None, help="comma-separated codes, or 'all'. sib200: FLORES codes "
-                   "(default: DEFAULT_SIB200_LANGS); tatoeba: ISO 639-3 codes (default: DEFAULT_TATOEBA_LANGS); "
+    p.add_argument("--langs", type=name_list, default=None, help="comma-separated codes, or 'all'. sib200: FLORES "
+                   "codes (default: DEFAULT_SIB200_LANGS); tatoeba: ISO 639-3 codes (default: DEFAULT_TATOEBA_LANGS); "
                    "pos: ISO 639-1 codes of UD PUD; nusax: language names; xnli: XNLI codes (default: all)")
     p.add_argument("--split", default="test", choices=("test", "dev"), help="sib200, nusax, xnli")
     p.add_argument("--per_layer", action="store_true", help="tatoeba: also xx->en per hidden state (embeddings first)")
     p.add_argument("--prefix", default=None, help="text before every input sentence (default: the "
                    "'xlt_prefix' saved in a fine-tuned checkpoint, else none); 'auto': 'query: ' for intfloat/*e5*")
-    p.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
-    p.add_argument("--data_dir", default=None, help="data folder (default: $XLT_DATA, else ~/.cache/xlt/data)")
+    p.add_argument("--out", type=nonempty, default=None, help="write the results as JSON here (atomically)")
+    p.add_argument("--data_dir", type=nonempty, default=None, help="data folder (default: $XLT_DATA, else "
+                   "~/.cache/xlt/data)")
     p.add_argument("--device", type=device_name, default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--eval_limit", type=positive_int, default=None, help="use N rows (pairs, sentences) of "
                    "every set, evenly spaced (default: all)")
-    p.add_argument("--max_len", type=positive_int, default=None, help="subword tokens per input (default: 256 "
+    p.add_argument("--max_len", type=token_count, default=None, help="subword tokens per input (default: 256 "
                    "for pos, where a sentence is cut only rarely, else 128)")
     args = p.parse_args(argv)
     t0, device, data_dir = time.time(), model.pick_device(args.device), data.resolve_data_dir(args.data_dir)
-    max_len, prefix = args.max_len or (256 if args.task == "pos" else 128), resolve_prefix(args.prefix, args.model)
+    max_len = (256 if args.task == "pos" else 128) if args.max_len is None else args.max_len
+    prefix = resolve_prefix(args.prefix, args.model)
     if prefix and args.task == "pos":
         raise XltError(f"--prefix {prefix!r} does not apply to pos (its inputs are pre-split words)")
     if args.per_layer and args.task != "tatoeba":
@@ -505,6 +525,7 @@ def main(argv=None):
     result = {"task": args.task, "model": str(args.model), "prefix": prefix}
     if args.task == "tatoeba":
         encoder, tok = model.Encoder.from_pretrained(args.model).to(device), data.load_tokenizer(args.model)
+        check_max_len(max_len, encoder, args.model)
         details = tatoeba(encoder, tok, data_dir, langs, device, args.per_layer, args.eval_limit, prefix, max_len)
         scores, en_xx, sizes, curves = ({lang: d[key] for lang, d in details.items()}
                                         for key in ("xx->en", "en->xx", "n", "per_layer"))
@@ -518,6 +539,7 @@ def main(argv=None):
                   + per_layer_table({str(args.model): curves}))
     else:
         encoder, head, tok = load_finetuned(args.model, args.task)
+        check_max_len(max_len, encoder, args.model)
         encoder, head = encoder.to(device), head.to(device)
         if args.task == "pos":
             scores = pos_scores(encoder, head, tok, data_dir, langs, device, max_len, args.eval_limit)

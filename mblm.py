@@ -322,6 +322,7 @@ class Checkpoint:
             self.encoder, self.head = Encoder.from_pretrained(name, dropout=args.dropout), None
         self.tok = data.load_tokenizer(name)
         self.pad_id, self.prefix = data.special_ids(self.tok)["pad"], evaluate.resolve_prefix(args.prefix, name)
+        evaluate.check_max_len(args.max_len, self.encoder, name)
         L = self.encoder.config.num_hidden_layers
         if args.branch_layers > L:
             raise XltError(f"--branch_layers {args.branch_layers}: {name} has only {L} blocks")
@@ -435,9 +436,11 @@ def parse_args(argv):
         langs_help="comma-separated SIB-200 test languages, or 'all'; must include the --teachers languages "
                    "(default: those and evaluate.DEFAULT_SIB200_LANGS); the others are zero-shot",
         limit_help="use N training rows per supervised language, evenly spaced")
-    p.add_argument("--teachers", default=DEFAULT_TEACHERS, help="LANG=NAME_OR_DIR,... one per supervised language, "
-                   "fine-tuned on LANG's SIB-200 train split unless a saved xlt classifier (German: a stand-in)")
-    p.add_argument("--student", default=DEFAULT_STUDENT, help="the multilingual checkpoint the student starts from")
+    p.add_argument("--teachers", type=evaluate.name_list, default=DEFAULT_TEACHERS, help="LANG=NAME_OR_DIR,... one "
+                   "per supervised language, fine-tuned on LANG's SIB-200 train split unless a saved xlt classifier "
+                   "(German: a stand-in)")
+    p.add_argument("--student", type=evaluate.nonempty, default=DEFAULT_STUDENT,
+                   help="the multilingual checkpoint the student starts from")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
                    help=f"which of {', '.join(VARIANTS)} to train; the first seed's mblm (else the last one) is saved")
     p.add_argument("--branch_layers", type=evaluate.positive_int, default=2, help="k: blocks per language branch")
@@ -449,7 +452,7 @@ def parse_args(argv):
     p.add_argument("--mixture", default="uniform", choices=["uniform", "random"], help="the other branches' "
                    "mixture weights in training: uniform, or uniform on the simplex per example")
     p.add_argument("--teacher_epochs", type=evaluate.positive_int, default=3, help="for teachers fine-tuned here")
-    p.add_argument("--classifier_lr", type=evaluate.nonneg_float, default=3e-3, help="the head's peak learning rate")
+    p.add_argument("--classifier_lr", type=evaluate.positive_float, default=3e-3, help="the head's peak learning rate")
     args = evaluate.parse(p, argv)
     if args.train_layers < args.branch_layers:
         raise XltError(f"--train_layers ({args.train_layers}) must be >= --branch_layers ({args.branch_layers})")

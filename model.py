@@ -606,7 +606,9 @@ def pick_device(arg="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if arg.startswith("cuda") and not torch.cuda.is_available():
         raise XltError(f"--device {arg}: CUDA is not available on this machine")
-    return torch.device(arg)
+    if (device := torch.device(arg)).index is not None and device.index >= (n := torch.cuda.device_count()):
+        raise XltError(f"--device {arg}: this machine has {n} GPU{'s' * (n != 1)} (cuda:0..cuda:{n - 1})")
+    return device
 
 
 def autocast(device):

@@ -331,6 +331,7 @@ def english_model(args, mono_e, eng_tok, seed, device):
     on stored states of the frozen encoder (one masked pass over the English text) for --mlm_head_steps steps."""
     model.set_seed(seed)                                          # the fresh head's initialisation
     base = model.Encoder.from_pretrained(args.model, mlm_head=True, dropout=args.dropout).to(device)
+    evaluate.check_max_len(args.max_len, base, args.model)
     if base.checkpoint_has_mlm_head or not args.mlm_head_steps:
         return base, {}
     one_pass = itertools.islice(mlm_batches(mono_e, eng_tok, args.batch_size, seed), -(-len(mono_e) // args.batch_size))
@@ -400,6 +401,7 @@ def main(argv=None):
     for seed in args.seeds:                        # the rows without a new vocabulary, all languages at once
         for row, ckpt in baselines:
             t, enc = time.time(), model.Encoder.from_pretrained(ckpt, dropout=args.dropout).to(device)
+            evaluate.check_max_len(args.max_len, enc, ckpt)
             if args.compile:
                 model.compile_blocks(enc)
             tok, pre = data.load_tokenizer(ckpt), evaluate.resolve_prefix(args.prefix, ckpt)
@@ -421,11 +423,11 @@ def parse_args(argv):
         evaluate.parser(__doc__), out_dir="out/transfer", epochs=2, batch_size=32, lr=2e-4, log_every=25, seeds=(0,),
         langs_help="target languages, comma-separated SIB-200 (FLORES-200) codes (default: deu_Latn)",
         limit_help="use N rows, evenly spaced, of the bitext, of the extra foreign text and of English SIB-200 train")
-    add, steps, lr = p.add_argument, evaluate.nonneg_int, evaluate.positive_float
-    add("--model", default="sentence-transformers/all-MiniLM-L6-v2", help="the English checkpoint to transfer")
-    add("--reference", default="intfloat/multilingual-e5-small", help="a multilingual checkpoint for reference")
-    add("--mono", help="foreign text, one sentence per line (replaces the built-in extra foreign text)")
-    add("--parallel", help="bitext, English<TAB>foreign per line (replaces the built-in bitext)")
+    add, steps, lr, path = p.add_argument, evaluate.nonneg_int, evaluate.positive_float, evaluate.nonempty
+    add("--model", type=path, default="sentence-transformers/all-MiniLM-L6-v2", help="the English checkpoint")
+    add("--reference", type=path, default="intfloat/multilingual-e5-small", help="a multilingual checkpoint to compare")
+    add("--mono", type=path, help="foreign text, one sentence per line (replaces the built-in extra foreign text)")
+    add("--parallel", type=path, help="bitext, English<TAB>foreign per line (replaces the built-in bitext)")
     add("--vocab_size", type=evaluate.positive_int, default=8000, help="foreign WordPiece vocabulary size")
     add("--ibm_iterations", type=evaluate.positive_int, default=5, help="EM iterations of IBM Model 1")
     add("--mlm_head_steps", type=steps, default=200, help="Stage 0 steps, 64 masked tokens each (only "

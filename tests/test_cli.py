@@ -66,3 +66,58 @@ def test_every_runnable_file_answers_help():
     r = subprocess.run([sys.executable, "data.py", "download", "--help"], cwd=repo, capture_output=True, text=True)
     assert r.returncode == 0 and "--data_dir" in r.stdout and "--only" in r.stdout
     assert "__main__" not in (repo / "model.py").read_text()
+
+
+# Every flag has a type that encodes its valid range: out of range is an argparse error (exit 2, naming the
+# flag) before any work, never a crash inside torch after earlier stages, nor a silent default.
+COMMON_BAD = [("--lr", "-1e-4"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--max_len", "-5"),
+              ("--max_len", "0"), ("--langs", ""), ("--langs", "deu_Latn,,fra_Latn"), ("--out_dir", ""),
+              ("--data_dir", ""), ("--device", "gpu"), ("--device", "mps"), ("--weight_decay", "-1"),
+              ("--dropout", "1"), ("--epochs", "0"), ("--limit", "0")]
+OWN_BAD = {"distill": [("--temperature", "0"), ("--alpha", "nan"), ("--student", "")],
+           "mblm": [("--classifier_lr", "-1"), ("--classifier_lr", "0"), ("--teachers", ""), ("--zs_weight", "-inf")],
+           "continual": [("--mlm_head_lr", "-1"), ("--memory_langs", ""), ("--mlm_prob", "0"), ("--model", "")],
+           "align": [("--align_lr", "-3e-5"), ("--mask_prob", "0"), ("--align_langs", ""), ("--parallel", "")],
+           "transfer": [("--stage_a_lr", "-1"), ("--stage_b_lr", "0"), ("--mlm_head_lr", "nan"), ("--mono", "")],
+           "bench": [("--batch_size", "0"), ("--seq_len", "0"), ("--repeats", "0"), ("--seed", "-1"), ("--json", "")],
+           "evaluate": [("--max_len", "0"), ("--langs", ""), ("--device", "gpu"), ("--eval_limit", "0")]}
+BAD = [(name, flag, value) for name in METHODS for flag, value in COMMON_BAD] + [
+    (name, flag, value) for name, cases in OWN_BAD.items() for flag, value in cases]
+
+
+@pytest.mark.parametrize("name, flag, value", BAD)
+def test_flags_out_of_range_are_argparse_errors(name, flag, value, capsys):
+    script = importlib.import_module(name)
+    required = ["--model", "m", "--task", "sib200"] if name == "evaluate" else []
+    with pytest.raises(SystemExit) as e:
+        script.main(required + [f"{flag}={value}"])        # = : argparse reads "-1e-4" alone as a flag
+    assert e.value.code == 2
+    assert f"error: argument {flag}: {value!r} is not a" in capsys.readouterr().err
+
+
+def test_max_len_beyond_the_position_table_is_one_line_right_after_loading(tiny_checkpoint, data_dir):
+    import distill
+    import evaluate
+    from model import XltError
+    ckpt = str(tiny_checkpoint())                              # BERT, 256 positions
+    with pytest.raises(XltError, match=f"^--max_len 300: {ckpt} has 256 positions, so at most 256$"):
+        evaluate.main(["--model", ckpt, "--task", "tatoeba", "--max_len", "300", "--data_dir", str(data_dir)])
+    with pytest.raises(XltError, match=f"^--max_len 257: {ckpt} has 256 positions"):
+        distill.main(["--teacher", ckpt, "--student", ckpt, "--max_len", "257", "--limit", "8",
+                      "--data_dir", str(data_dir), "--no_save"])
+
+    class Stub:                                                # RoBERTa: real tokens from pad + 1 = 2 on
+        config = __import__("model").Config(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1)
+    evaluate.check_max_len(512, Stub, "e5")
+    with pytest.raises(XltError, match="^--max_len 513: e5 has 514 positions, so at most 512$"):
+        evaluate.check_max_len(513, Stub, "e5")
+
+
+def test_cuda_index_beyond_the_gpus_is_one_line(monkeypatch):
+    import torch
+    from model import XltError, pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(XltError, match=r"^--device cuda:1: this machine has 1 GPU \(cuda:0..cuda:0\)$"):
+        pick_device("cuda:1")

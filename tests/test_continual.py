@@ -344,3 +344,31 @@ def test_bad_flags_fail_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "continual.py"), "--langs", "klingon", "--out_dir", str(tmp_path)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --langs") and "\n" not in r.stderr.strip()
+
+
+def test_mlm_head_cache_is_keyed_by_the_checkpoint_contents_and_refits_a_corrupt_file(tiny_checkpoint, tmp_path,
+                                                                                      capsys):
+    from conftest import make_tiny_checkpoint
+    path = tiny_checkpoint(mlm_head=False)
+    tok = data.load_tokenizer(path)
+    examples = data.encode(tok, ["the first one was new", "le chat est la"] * 4, 16)
+
+    def head(out):
+        model.set_seed(0)                                                            # as main: the fresh head's init
+        enc = model.Encoder.from_pretrained(path, mlm_head=True)
+        vocab = continual.mlm_vocab([examples], tok, enc.config.vocab_size)
+        mem = continual.Memory(examples, vocab, tok, enc.config.vocab_size, 4, 0.3, seed=0)
+        args = continual.parse_args(["--model", str(path), "--out_dir", str(tmp_path / "out"), "--mlm_head_steps", "3"])
+        info = continual.mlm_head(enc, mem, args, 0, torch.device("cpu"))
+        return info, {k: v.clone() for k, v in enc.mlm.state_dict().items()}, out.readouterr().out
+
+    first, fitted, _ = head(capsys)
+    assert not first["loaded"]
+    Path(first["cache"]).write_bytes(b"\x08\0\0\0\0\0\0\0{broken")                 # a truncated/corrupt cache file
+    again, refitted, out = head(capsys)
+    assert not again["loaded"] and again["cache"] == first["cache"] and "is unusable" in out
+    assert all(torch.equal(refitted[k], fitted[k]) for k in fitted)                  # same seed, same fit
+    assert head(capsys)[0]["loaded"]                                                 # the rewritten file is read
+    make_tiny_checkpoint(path, seed=1, mlm_head=False)                              # other weights, same path
+    changed, _, _ = head(capsys)
+    assert not changed["loaded"] and changed["cache"] != first["cache"]

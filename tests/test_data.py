@@ -131,12 +131,13 @@ def test_download_is_resumable(tmp_path, monkeypatch):
     assert urls == [ewt.read_text()]
 
 
-def test_cli_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "data.py", "download", "--data_dir", str(tmp_path), "--only", "bogus"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines() == ["error: unknown dataset 'bogus' (can download sib200, tatoeba, "
-                                             "nusax, ud)"]
+def test_cli_flags_are_checked_before_any_download(tmp_path):
+    for only in ("bogus", "sib200,,ud"):
+        r = subprocess.run([sys.executable, "data.py", "download", "--data_dir", str(tmp_path), "--only", only],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 2 and not any(tmp_path.iterdir())
+        assert r.stderr.splitlines()[-1] == (f"data.py download: error: argument --only: {only!r} is not a subset "
+                                             "of ('sib200', 'tatoeba', 'ud', 'nusax')")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,11 +170,27 @@ SIB_HEADER = "index_id\tcategory\ttext\n"
 
 def test_sib200_quoting(tmp_path):
     write(tmp_path / "sib200" / "xx_Latn" / "dev.tsv",
-          SIB_HEADER + '5\tsports\t"He said ""hi""\tthere"\n12\ttravel\tplain text\n')
+          SIB_HEADER + '5\tsports\t"He said ""hi"" there"\n12\ttravel\tplain text\n')
     rows = data.read_sib200(tmp_path, "xx_Latn", "dev")
     assert rows == [{"index_id": 5, "label": data.SIB200_LABELS.index("sports"), "category": "sports",
-                     "text": 'He said "hi"\tthere'},
+                     "text": 'He said "hi" there'},
                     {"index_id": 12, "label": 6, "category": "travel", "text": "plain text"}]
+
+
+@pytest.mark.parametrize("body, message", [
+    # one stray quote at the start of a text swallowed the rows up to the next quote (93 of 204 rows of a test set)
+    ('1\tsports\t"Stray quote\n2\tsports\tok\n3\ttravel\tends with a quote"\n', "line 2: a quoted field runs on to "
+     "line 4"),
+    ('1\tsports\t"Stray quote\n2\tsports\tok\n3\ttravel\t"quoted" text\n', "line 2: '\\t' expected after '\"'"),
+    ('1\tsports\tok\n2\tsports\t"Stray quote\n3\tsports\tok\n', "line 3: unexpected end of data"),
+    ('1\tsports\t"a\tb"\n', "line 2: a quoted field holds a tab"),
+    ('1\tsports\t"quoted" and more\n', "line 2: '\\t' expected after '\"'"),
+])
+def test_sib200_stray_quote_names_the_line_it_starts(tmp_path, body, message):
+    path = write(tmp_path / "sib200" / "xx_Latn" / "test.tsv", SIB_HEADER + body)
+    with pytest.raises(DataError) as e:
+        data.read_sib200(tmp_path, "xx_Latn", "test")
+    assert str(e.value).startswith(f"{path} {message}")
 
 
 @pytest.mark.parametrize("body, message", [
@@ -192,6 +209,37 @@ def test_sib200_malformed(tmp_path, body, message):
 def test_sib200_bad_header(tmp_path):
     path = write(tmp_path / "sib200" / "xx_Latn" / "train.tsv", "id\tlabel\ttext\n1\tsports\tok\n")
     with pytest.raises(DataError, match=f"{path} line 1: expected the header"):
+        data.read_sib200(tmp_path, "xx_Latn", "train")
+
+
+def test_sib200_all_languages_load(data_dir):
+    need(data_dir, "sib200")
+    sizes = {(lang, split): len(data.read_sib200(data_dir, lang, split))
+             for lang in data.sib200_languages(data_dir) for split in ("train", "dev", "test")}
+    assert len(sizes) == 3 * 205 and set(sizes.values()) == {701, 99, 204}
+
+
+def test_sib200_bytes_and_layout(tmp_path):
+    """Undecodable bytes name the line they are on (the csv reader's count said line 0); a BOM and CRLF line
+    ends are read as the text they carry; a NUL byte, a header alone, a reused index_id and a directory
+    in place of the file are each one line."""
+    path = tmp_path / "sib200" / "xx_Latn" / "train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes((SIB_HEADER + "1\tsports\tok\n2\tsports\tcaf").encode() + b"\xe9\n")
+    with pytest.raises(DataError, match=f"^{path} line 3: not UTF-8 \\(byte 0xe9\\)$"):
+        data.read_sib200(tmp_path, "xx_Latn", "train")
+    path.write_bytes(b"\xef\xbb\xbf" + (SIB_HEADER + "1\tsports\tok\n").replace("\n", "\r\n").encode())
+    assert data.read_sib200(tmp_path, "xx_Latn", "train") == [
+        {"index_id": 1, "label": data.SIB200_LABELS.index("sports"), "category": "sports", "text": "ok"}]
+    for body, message in (("1\tsports\tok\n2\tsports\tn\0t\n", " line 3: a NUL byte"), ("", ": a header but no rows"),
+                          ("1\tsports\tok\n\n1\ttravel\tagain\n", " line 4: index_id 1 again (first on line 2)")):
+        write(path, SIB_HEADER + body)
+        with pytest.raises(DataError) as e:
+            data.read_sib200(tmp_path, "xx_Latn", "train")
+        assert str(e.value).startswith(f"{path}{message}")
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match=f"^{path} is a directory, not a file; run `python data.py download"):
         data.read_sib200(tmp_path, "xx_Latn", "train")
 
 
@@ -215,6 +263,17 @@ def test_tatoeba_mismatched_lengths(tmp_path):
         data.read_tatoeba(tmp_path, "xyz")
     write(b, "one\ntwo\r\nthree\n")       # a stray \r must not break alignment
     assert data.read_tatoeba(tmp_path, "xyz") == (["eins", "zwei", "drei"], ["one", "two", "three"])
+
+
+def test_tatoeba_empty_sides(tmp_path):
+    a = write(tmp_path / "tatoeba" / "tatoeba.xyz-eng.xyz", "")
+    b = write(tmp_path / "tatoeba" / "tatoeba.xyz-eng.eng", "one\n")
+    with pytest.raises(DataError, match=f"^{a} is empty$"):
+        data.read_tatoeba(tmp_path, "xyz")
+    write(a, "eins\n\n")
+    write(b, "one\ntwo\n")
+    with pytest.raises(DataError, match=f"^{a} line 2: an empty sentence"):
+        data.read_tatoeba(tmp_path, "xyz")
 
 
 def test_nusax(data_dir, tmp_path):
@@ -280,6 +339,11 @@ def test_read_parallel_and_mono(tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nope.txt'} does not exist"):
         data.read_parallel(tmp_path / "nope.txt", b)
     assert data.read_mono(write(tmp_path / "m.txt", "one\n\n  two \n\n")) == ["one", "two"]
+    for reader in (data.read_mono, data.read_parallel, data.read_pair_tsv):
+        with pytest.raises(DataError, match=f"^{tmp_path / 'e.txt'} is empty$"):
+            reader(write(tmp_path / "e.txt", " \n"))
+    with pytest.raises(DataError, match=f"^{tmp_path / 'h.tsv'}: a header but no rows$"):
+        data.read_pair_tsv(write(tmp_path / "h.tsv", "premise\thypo\tlabel\n"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,6 +382,21 @@ def test_conllu_malformed(tmp_path, line, message):
     with pytest.raises(DataError) as e:
         data.read_conllu(path)
     assert str(e.value) == f"{path} {message}"
+
+
+def test_conllu_bad_bytes_and_empty_files(tmp_path):
+    raw = CONLLU.encode().replace("marché".encode(), b"march\xe9", 1)           # Latin-1, on line 2
+    path = tmp_path / "latin1.conllu"
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match=f"^{path} line 2: not UTF-8 \\(byte 0xe9\\)$"):
+        data.read_conllu(path)
+    for name, text, message in (("empty.conllu", "", "is empty"), ("blank.conllu", "\n\n", "is empty"),
+                                ("comments.conllu", "# sent_id = 1\n\n", ": no sentences")):
+        path = write(tmp_path / name, text)
+        with pytest.raises(DataError, match=f"^{path} ?{message}"):
+            data.read_conllu(path)
+    with pytest.raises(DataError, match=f"^{tmp_path} is a directory, not a file$"):
+        data.read_conllu(tmp_path)
 
 
 def test_ud_real(data_dir):
@@ -554,3 +633,27 @@ def test_download_nusax_brings_the_mt_files_read_nusax_mt_reads(tmp_path, monkey
     for split in ("train", "valid", "test"):
         assert (tmp_path / "nusax" / "mt" / f"{split}.csv").is_file()
         assert any(u.endswith(f"/datasets/mt/{split}.csv") for u in urls)
+
+
+def test_mask_tokens_same_masks_as_the_uncached_pool():
+    """The replacement pool is cached per (specials, vocabulary size): the masks equal those of the code
+    that rebuilt it on every call (inlined here), for the same generator, call after call."""
+    def old(input_ids, attention_mask, special_ids, mask_id, vocab_size, generator, prob=0.15):
+        shape = input_ids.shape
+        special = torch.tensor(sorted(set(special_ids)), dtype=torch.long)
+        chosen = torch.bernoulli(torch.full(shape, prob), generator=generator).bool()
+        action = torch.rand(shape, generator=generator)
+        allowed = torch.ones(vocab_size, dtype=torch.bool)
+        allowed[special[special < vocab_size]] = False
+        pool = allowed.nonzero().squeeze(1)
+        random_ids = pool[torch.randint(len(pool), shape, generator=generator)]
+        chosen = chosen & attention_mask.bool() & ~torch.isin(input_ids, special)
+        labels = torch.where(chosen, input_ids, -100)
+        masked = torch.where(chosen & (action < 0.8), mask_id, input_ids)
+        return torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked), labels
+    ids, attention = random_batch(16, 64, 1000, seed=3)
+    g_new, g_old = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for vocab_size, specials in ((1000, SPECIALS), (1000, SPECIALS), (700, {CLS, PAD, SEP, UNK, MASK, 800})):
+        new = data.mask_tokens(ids, attention, specials, MASK, vocab_size, g_new, prob=0.5)
+        ref = old(ids, attention, specials, MASK, vocab_size, g_old, prob=0.5)
+        assert torch.equal(new[0], ref[0]) and torch.equal(new[1], ref[1])
