@@ -185,19 +185,24 @@ NEIGHBOURS = [(-1, 0), (0, -1), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 
 
 
 def grow_diag_final_and(e2f, f2e):
-    """Symmetrise two directional alignments, sets of (e position, f position) links (Koehn et al. 2003; fast_align's
-    `atools -c grow-diag-final-and`): start from the intersection; grow it by neighbouring (incl. diagonal) union links
-    that align a still-unaligned word; finally add either direction's links between two still-unaligned words."""
+    """Symmetrise two directional alignments, sets of (e position, f position) links, exactly as fast_align's
+    `atools -i e2f -j f2e -c grow-diag-final-and` (Koehn et al. 2003; clab/fast_align src/atools.cc, GDFACommand).
+    e2f: the links of the model that generates the foreign sentence from the English one (fast_align's forward
+    run on "English ||| foreign", as RAMEN's demo.sh), f2e: the reverse run's, both written (e, f).
+    1. Start from the intersection.
+    2. Grow: scan the union's remaining links in (e, f) order; add a link when one of its 8 neighbours (diagonals
+       too) is already aligned and its e or its f word is still unaligned. Links added during a scan count at
+       once for the rest of it (atools updates the alignment in place); scan again until a scan adds nothing.
+    3. Final-and: scan e2f, then f2e, in (e, f) order; add a link whose e and f words are both still unaligned."""
     union, links = e2f | f2e, e2f & f2e
     aligned_e, aligned_f = {e for e, _ in links}, {f for _, f in links}
     grew = True
     while grew:
         grew = False
-        for e, f in sorted(links):
-            for p in ((e + de, f + df) for de, df in NEIGHBOURS):
-                if p in union and p not in links and (p[0] not in aligned_e or p[1] not in aligned_f):
-                    links.add(p), aligned_e.add(p[0]), aligned_f.add(p[1])
-                    grew = True
+        for e, f in sorted(union - links):
+            if (e not in aligned_e or f not in aligned_f) and any((e + de, f + df) in links for de, df in NEIGHBOURS):
+                links.add((e, f)), aligned_e.add(e), aligned_f.add(f)
+                grew = True
     for e, f in sorted(e2f) + sorted(f2e):
         if e not in aligned_e and f not in aligned_f:
             links.add((e, f)), aligned_e.add(e), aligned_f.add(f)
