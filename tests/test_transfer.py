@@ -191,18 +191,20 @@ def test_translation_probs_are_normalised_link_counts():
 def test_ramen_init_is_the_weighted_average_and_copies_specials():
     g = torch.Generator().manual_seed(0)
     E_e, b_e = torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
-    probs = (torch.tensor([5, 5, 6]), torch.tensor([2, 7, 3]), torch.tensor([0.25, 0.75, 1.0]))
-    specials = [(0, 0), (1, 3)]
+    probs = (torch.tensor([5, 5, 6, 2]), torch.tensor([2, 7, 3, 9]), torch.tensor([0.25, 0.75, 1.0, 1.0]))
+    specials = [(0, 0), (1, 3), (2, 8)]                # foreign 2: a special token with a translation (a linked [UNK])
     E_f, b_f = transfer.ramen_init(E_e, b_e, probs, specials, 8, torch.Generator().manual_seed(1))
     assert torch.allclose(E_f[5], 0.25 * E_e[2] + 0.75 * E_e[7])
     assert torch.allclose(b_f[5], 0.25 * b_e[2] + 0.75 * b_e[7])
     assert torch.equal(E_f[6], E_e[3]) and torch.equal(b_f[6], b_e[3])
     assert torch.equal(E_f[0], E_e[0]) and torch.equal(E_f[1], E_e[3]) and b_f[1] == b_e[3]
-    uncovered = [2, 3, 4, 7]
+    # RAMEN's init_weight.py copies the specials first, so a translation wins over the English special row
+    assert torch.equal(E_f[2], E_e[9]) and b_f[2] == b_e[9]
+    uncovered = [3, 4, 7]
     assert (E_f[uncovered].abs() > 0).all() and (b_f[uncovered] == 0).all()
     # the random baseline draws the same random rows; only the translated rows differ
     R_f, r_b = transfer.ramen_init(E_e, b_e, None, specials, 8, torch.Generator().manual_seed(1))
-    assert torch.equal(R_f[uncovered], E_f[uncovered]) and torch.equal(R_f[1], E_e[3])
+    assert torch.equal(R_f[uncovered], E_f[uncovered]) and torch.equal(R_f[1], E_e[3]) and torch.equal(R_f[2], E_e[8])
     assert not torch.allclose(R_f[5], E_f[5]) and r_b[5] == 0
     # the random rows are N(0, 1/H), as in RAMEN's init_weight.py
     big, _ = transfer.ramen_init(torch.zeros(1, 256), torch.zeros(1), None, [], 400, torch.Generator().manual_seed(2))
