@@ -1,4 +1,4 @@
-"""continual.py: fine-tune on English POS without forgetting masked LM, by GEM projection (Liu et al. 2020).
+"""continual.py: fine-tune on English POS without forgetting masked LM, by A-GEM projection (Liu et al. 2020).
 
 Paper: Zihan Liu, Genta Indra Winata, Andrea Madotto, Pascale Fung (2020), "Exploring Fine-tuning
 Techniques for Pre-trained Cross-lingual Models via Continual Learning" (arXiv:2004.14218). Its abstract
@@ -12,13 +12,14 @@ The method in five lines (our reconstruction, from the abstract and the issue th
   2. At every step take the task gradient g (English POS tagging) and the MLM gradient g_ref on a memory batch.
   3. If they conflict (g . g_ref < 0), project g onto the half-space where the MLM loss does not increase:
          g <- g - (g . g_ref / g_ref . g_ref) g_ref
-     This is GEM (Lopez-Paz & Ranzato 2017) with a single previous task: its quadratic program (the
-     closest g~ to g with g~ . g_ref >= 0) has exactly this closed form, which is also A-GEM's update
-     (Chaudhry et al. 2019), so "GEM" and "A-GEM" coincide here.
+     This is A-GEM (Chaudhry et al. 2019): one constraint, on the gradient of one random memory batch. GEM
+     (Lopez-Paz & Ranzato 2017) instead solves a quadratic program with one constraint per previous task,
+     each on the gradient of that task's whole memory; with a single task and g_ref over the whole memory
+     its solution would be this same closed form, but a batch of --memory_batch_size sentences makes it A-GEM.
   4. The projection acts on the shared encoder parameters only (every trainable encoder parameter below
      the heads); the POS head's gradient is left as it is; the MLM head is frozen.
   5. Compared with (--method): naive fine-tuning; freeze (the embeddings and the bottom --freeze_layers
-     blocks); multitask (loss = POS + lambda * MLM on the memory); gem (the projection above).
+     blocks); multitask (loss = POS + lambda * MLM on the memory); agem (the projection above).
 
 Measured (our choice of data): Tatoeba xx->en top-1 retrieval (mean-pooled, cosine) at every hidden state,
 before fine-tuning and after each method; zero-shot POS: train on UD English-EWT, select on EWT dev, test
@@ -42,7 +43,7 @@ Ours, not the paper's:
 
 Run:
     XLT_DATA=../shared/data python continual.py --method all
-    python continual.py --method gem --model xlm-roberta-base --limit 12544 --epochs 3 --eval_limit 1000 \\
+    python continual.py --method agem --model xlm-roberta-base --limit 12544 --epochs 3 --eval_limit 1000 \\
         --mlm_vocab full --device cuda                                      # with internet and a GPU
 """
 import hashlib
@@ -63,14 +64,14 @@ from model import XltError
 
 PAPER = ("Liu, Winata, Madotto, Fung (2020): Exploring Fine-tuning Techniques for Pre-trained Cross-lingual "
          "Models via Continual Learning, arXiv:2004.14218")
-METHODS = ("naive", "freeze", "multitask", "gem")
+METHODS = ("naive", "freeze", "multitask", "agem")
 # FLORES-200 codes of the languages with both a Tatoeba set (retrieval) and a UD PUD test set (POS).
 PAIRED = [f for f, (_, pud) in data.LANGUAGES.items() if pud and f != "eng_Latn"]
 # Eight scripts/families: Germanic, Romance, Slavic/Cyrillic, Han, Japanese, Arabic, Devanagari, Turkic.
 DEFAULT_LANGS = ["deu_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "jpn_Jpan", "arb_Arab", "hin_Deva", "tur_Latn"]
 
 
-# -------------------- The projection (GEM with one previous task = A-GEM), on flat vectors ----------
+# -------------------- The projection (A-GEM), on flat vectors ---------------------------------------
 
 def flatten_grads(params):
     """The gradients of a parameter group as one fp32 vector (a parameter without a gradient counts as 0)."""
@@ -89,19 +90,24 @@ def write_grads(params, flat):
 
 
 def project(g, g_ref):
-    """GEM's update with one previous task: g itself if g . g_ref >= 0 (the step does not increase the
-    previous task's loss to first order), else g - (g . g_ref / g_ref . g_ref) g_ref, the closest vector
-    to g with a non-negative dot product with g_ref. Dot products in fp32. torch.where instead of an `if`
-    keeps the step free of host syncs. Returns (projected g, whether it was projected: a 0-d bool tensor)."""
+    """A-GEM's update: g itself if g . g_ref >= 0 (the step does not increase the previous task's loss to first
+    order), else g - (g . g_ref / g_ref . g_ref) g_ref, the closest vector to g with a non-negative dot product with
+    g_ref; g_ref = 0 constrains nothing (g comes back unchanged). The update does not depend on the scale of g_ref, so
+    it runs on g_ref / max|g_ref|: a tiny g_ref, whose g_ref . g_ref underflows fp32, is projected exactly too.
+    Dot products in fp32. torch.where instead of an `if` keeps the step free of host syncs. Returns (projected g,
+    whether it was projected: a 0-d bool tensor)."""
     g32, r32 = g.float(), g_ref.float()
+    scale = r32.abs().max()
+    r32 = r32 / torch.where(scale > 0, scale, torch.ones_like(scale))
     dot = torch.dot(g32, r32)
     conflict = dot < 0
-    coef = torch.where(conflict, dot / torch.dot(r32, r32).clamp_min(1e-20), torch.zeros_like(dot))
+    # r32 . r32 >= 1 now (its largest entry is 1) unless g_ref = 0, where the clamp keeps 0 / 0 out of the other branch
+    coef = torch.where(conflict, dot / torch.dot(r32, r32).clamp_min(1.0), torch.zeros_like(dot))
     return (g32 - coef * r32).to(g.dtype), conflict
 
 
-def gem_backward(task_loss, memory_loss, shared):
-    """The backward pass of one GEM step. (1) task_loss.backward(): every trainable parameter gets the task
+def agem_backward(task_loss, memory_loss, shared):
+    """The backward pass of one A-GEM step. (1) task_loss.backward(): every trainable parameter gets the task
     gradient, the task head included. (2) Set the shared parameters' g aside and clear them. (3) g_ref: the
     previous task's loss on a memory batch (memory_loss() builds it), backward; it reaches only shared
     parameters, since the MLM head is frozen and the task head is not in its graph. (4) Write the projection
@@ -224,7 +230,7 @@ def mlm_head(enc, memory, args, seed, device):
 
 def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
     """Train enc + head on English POS with one method, keep the state best on EWT dev. Returns the dev
-    accuracy, its history, the loss log, and for gem the steps where g was projected and mean cos(g, g_ref)."""
+    accuracy, its history, the loss log, and for agem the steps where g was projected and mean cos(g, g_ref)."""
     set_trainable(enc, method, args.freeze_layers, args.train_embeddings)
     names, shared = shared_parameters(enc)
     opt = model.configure_optimizer([enc, head], args.lr, args.weight_decay)
@@ -252,8 +258,8 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
                 mlm = memory_loss()
                 (task + args.mlm_weight * mlm).backward()
                 logged.append(mlm)
-            elif method == "gem":
-                mlm, conflict, cos = gem_backward(task, memory_loss, shared)
+            elif method == "agem":
+                mlm, conflict, cos = agem_backward(task, memory_loss, shared)
                 n_projected, cos_sum = n_projected + conflict, cos_sum + cos
                 logged += [mlm, conflict, cos]
             else:
@@ -272,10 +278,10 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
                     best = (acc, model.trainable_state(enc, head))
     model.restore(best[1])
     enc.requires_grad_(False)
-    gem = method == "gem"
+    agem = method == "agem"
     return {"dev": best[0], "history": history, "loss_log": log, "steps": total, "shared_names": names,
-            "shared_parameters": sum(p.numel() for p in shared), "projected_steps": int(n_projected) if gem else None,
-            "mean_cos_g_gref": float(cos_sum) / total if gem else None}
+            "shared_parameters": sum(p.numel() for p in shared), "projected_steps": int(n_projected) if agem else None,
+            "mean_cos_g_gref": float(cos_sum) / total if agem else None}
 
 
 # -------------------- The experiment -----------------------------------------------------------------
@@ -353,8 +359,8 @@ def main(argv=None):
             rows[method], curves[method] = measure(enc, head, tok, langs, held_out, vocab, args, device)
             rows[method]["dev"], names = info["dev"], info.pop("shared_names")
             train_log[method] = {**info, "seconds_with_eval": round(time.time() - t, 1)}
-            if method == "gem":
-                details["gem_shared_parameter_names"] = names
+            if method == "agem":
+                details["agem_shared_parameter_names"] = names
             if not args.no_save and info["dev"] > best_dev.get(method, -1.0):    # the seed best on EWT dev
                 best_dev[method] = info["dev"]
                 model.save_pretrained(enc, Path(args.out_dir) / method, tokenizer=tok, head=head,

@@ -23,13 +23,15 @@ Equations:
 
 The paper's, as its public code shows (GitHub alexa/ramen: demo.sh, alignment/get_prob_para.py, utils/init_weight.py,
 src/models.py, ramen.py; not the full paper): fast_align both ways, grow-diag-final-and; p(e|f) = link counts normalised
-per foreign subword; unlinked rows N(0, 1/H), bias 0; special tokens' rows and biases copied from English; the random
-baseline = the same without p(e|f); the encoder, position/type embeddings, embedding LayerNorm and MLM transform shared;
-each update adds the gradients of one English and one foreign MLM batch (our Stage B); WordPiece with accents kept.
+per foreign subword; unlinked rows N(0, 1/H), bias 0; special tokens' rows and biases copied from English, then any
+translated row written over them (a linked [UNK]); the random baseline = the same without p(e|f); the encoder,
+position/type embeddings, embedding LayerNorm and MLM transform shared; each update adds the gradients of one English
+and one foreign MLM batch (our Stage B); WordPiece with accents kept.
 Ours: Stage A (ramen.py trains everything from the first step; models.py's helper returning E_f and b_f, "useful when
 freezing the encoder parameters", is never called); Stage 0 (MiniLM has no MLM head: model.fit_mlm_head fits one on the
-frozen encoder's stored states, masks drawn once); IBM Model 1 in numpy; corpora ~1,000x smaller (SIB-200 train+dev,
-Tatoeba, UD PUD, NusaX; never a scored test sentence); BERT's masking, AdamW, linear schedule, clipping 1.0 (ramen.py:
+frozen encoder's stored states, masks drawn once); IBM Model 1 in numpy, not fast_align (then atools' own
+grow-diag-final-and); corpora ~1,000x smaller (SIB-200 train+dev, Tatoeba, UD PUD, NusaX; never a scored test
+sentence); BERT's masking, AdamW, linear schedule, clipping 1.0 (ramen.py:
 Adam, inverse square root, clipping 5, batch 72, 6 x 20,000 updates); SIB-200 instead of XNLI and parsing; the rows
 "English model, no transfer" and a multilingual reference; several --langs: RAMEN's eng_Latn = the per-language mean.
 Saved (first seed; not with --no_save): OUT_DIR/<lang>, the foreign model after Stage B (a teacher for
@@ -185,19 +187,24 @@ NEIGHBOURS = [(-1, 0), (0, -1), (1, 0), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 
 
 
 def grow_diag_final_and(e2f, f2e):
-    """Symmetrise two directional alignments, sets of (e position, f position) links (Koehn et al. 2003; fast_align's
-    `atools -c grow-diag-final-and`): start from the intersection; grow it by neighbouring (incl. diagonal) union links
-    that align a still-unaligned word; finally add either direction's links between two still-unaligned words."""
+    """Symmetrise two directional alignments, sets of (e position, f position) links, exactly as fast_align's
+    `atools -i e2f -j f2e -c grow-diag-final-and` (Koehn et al. 2003; clab/fast_align src/atools.cc, GDFACommand).
+    e2f: the links of the model that generates the foreign sentence from the English one (fast_align's forward
+    run on "English ||| foreign", as RAMEN's demo.sh), f2e: the reverse run's, both written (e, f).
+    1. Start from the intersection.
+    2. Grow: scan the union's remaining links in (e, f) order; add a link when one of its 8 neighbours (diagonals
+       too) is already aligned and its e or its f word is still unaligned. Links added during a scan count at
+       once for the rest of it (atools updates the alignment in place); scan again until a scan adds nothing.
+    3. Final-and: scan e2f, then f2e, in (e, f) order; add a link whose e and f words are both still unaligned."""
     union, links = e2f | f2e, e2f & f2e
     aligned_e, aligned_f = {e for e, _ in links}, {f for _, f in links}
     grew = True
     while grew:
         grew = False
-        for e, f in sorted(links):
-            for p in ((e + de, f + df) for de, df in NEIGHBOURS):
-                if p in union and p not in links and (p[0] not in aligned_e or p[1] not in aligned_f):
-                    links.add(p), aligned_e.add(p[0]), aligned_f.add(p[1])
-                    grew = True
+        for e, f in sorted(union - links):
+            if (e not in aligned_e or f not in aligned_f) and any((e + de, f + df) in links for de, df in NEIGHBOURS):
+                links.add((e, f)), aligned_e.add(e), aligned_f.add(f)
+                grew = True
     for e, f in sorted(e2f) + sorted(f2e):
         if e not in aligned_e and f not in aligned_f:
             links.add((e, f)), aligned_e.add(e), aligned_f.add(f)
@@ -234,18 +241,24 @@ def alignment(bitext, eng_tok, foreign_tok, args):
 # -------------------- 4. RAMEN's initialisation, and swapping vocabularies on the one shared encoder ----
 
 def ramen_init(E_e, b_e, probs, specials, V_f, generator):
-    """(E_f, b_f): E_f[i] = sum_j p(e_j | f_i) E_e[j] and b_f[i] = sum_j p(e_j | f_i) b_e[j] for every
-    foreign token with a translation; the English row and bias for the special tokens; N(0, 1/H) rows and
-    bias 0 for the rest (RAMEN's init_weight.py). probs=None gives the random baseline."""
+    """(E_f, b_f) as RAMEN's utils/init_weight.py (guess): N(0, 1/H) rows and bias 0; then the English row and
+    bias for the special tokens; then E_f[i] = sum_j p(e_j | f_i) E_e[j] and b_f[i] = sum_j p(e_j | f_i) b_e[j]
+    for every foreign token with a translation, a special one included (the foreign [UNK] when it is linked).
+    probs=None gives the random baseline."""
     E_e, b_e, H = E_e.detach().float().cpu(), b_e.detach().float().cpu(), E_e.shape[1]
     E_f, b_f = torch.randn(V_f, H, generator=generator) * H ** -0.5, torch.zeros(V_f)
-    if probs is not None:
-        f_idx, e_idx, p = probs
-        E_f[torch.unique(f_idx)] = 0.0
-        E_f.index_add_(0, f_idx, p[:, None] * E_e[e_idx])
-        b_f.index_add_(0, f_idx, p * b_e[e_idx])
     for f, e in specials:
         E_f[f], b_f[f] = E_e[e], b_e[e]
+    if probs is not None:
+        # guess() also skips foreign id 0 (`if not tgt_tokenizer.token_to_id(t)`, meant for pieces missing from the
+        # vocabulary): there id 0 is BERT's [PAD]. We do not: in BERT's and XLM-R's vocabularies our id 0 is a special
+        # token too ([PAD], <s>: train_foreign_tokenizer keeps English ids), and data.content_ids gives the aligner
+        # no special token but [UNK], so id 0 has no translation to skip.
+        f_idx, e_idx, p = probs
+        covered = torch.unique(f_idx)
+        E_f[covered], b_f[covered] = 0.0, 0.0
+        E_f.index_add_(0, f_idx, p[:, None] * E_e[e_idx])
+        b_f.index_add_(0, f_idx, p * b_e[e_idx])
     return E_f, b_f
 
 

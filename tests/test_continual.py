@@ -1,4 +1,4 @@
-"""Tests of continual.py: the GEM projection (closed form, when it acts, what it touches), freezing, the
+"""Tests of continual.py: the A-GEM projection (closed form, when it acts, what it touches), freezing, the
 memory's masked-LM batches and restricted softmax, the MLM head fitting + cache, and an end-to-end run."""
 import json
 import math
@@ -42,7 +42,7 @@ def test_project_removes_the_conflict_and_matches_the_closed_form():
         g, r = rng.normal(size=300), rng.normal(size=300) * rng.uniform(0.01, 10)
         out, conflict = continual.project(torch.tensor(g, dtype=torch.float32), torch.tensor(r, dtype=torch.float32))
         dot = g @ r
-        expected = g - dot / (r @ r) * r if dot < 0 else g       # GEM eq. 11 with one constraint, in float64
+        expected = g - dot / (r @ r) * r if dot < 0 else g       # the closed form, in float64
         assert bool(conflict) == (dot < 0)
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-5)
         assert float(torch.dot(out.double(), torch.tensor(r))) >= -1e-6 * np.linalg.norm(g) * np.linalg.norm(r)
@@ -53,9 +53,27 @@ def test_project_removes_the_conflict_and_matches_the_closed_form():
     assert conflict and torch.allclose(out, torch.tensor([1.0, 0.0]))
 
 
-def test_project_is_sync_free_and_handles_zero_g_ref():
-    out, conflict = continual.project(torch.ones(4), torch.zeros(4))
-    assert torch.equal(out, torch.ones(4)) and not conflict
+def test_project_by_hand():
+    # g = (3, -1, 2), g_ref = (1, 2, -2): g . g_ref = -3, g_ref . g_ref = 9, g <- g + (1/3) g_ref = (10/3, -1/3, 4/3)
+    out, conflict = continual.project(torch.tensor([3.0, -1.0, 2.0]), torch.tensor([1.0, 2.0, -2.0]))
+    assert conflict and torch.allclose(out, torch.tensor([10 / 3, -1 / 3, 4 / 3]))
+
+
+def test_project_is_exact_for_a_tiny_g_ref():
+    # g_ref . g_ref = 2e-24, and 2e-60 (below fp32's smallest number): the conflict is still removed exactly
+    for tiny in (1e-12, 1e-30):
+        g, r = torch.tensor([1.0, -3.0]), torch.tensor([tiny, tiny])
+        out, conflict = continual.project(g, r)
+        assert conflict and torch.allclose(out, torch.tensor([2.0, -2.0]))     # g - (-2 / 2) (1, 1)
+        assert float(F.cosine_similarity(out, r / tiny, dim=0)) == pytest.approx(0.0, abs=1e-6)
+    out, conflict = continual.project(torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1e-12]))
+    assert conflict and torch.equal(out, torch.tensor([1.0, 0.0]))
+
+
+def test_project_is_sync_free_and_leaves_g_alone_for_zero_g_ref():
+    g = torch.tensor([1.0, -2.0, 0.5, -4.0])
+    out, conflict = continual.project(g, torch.zeros(4))                # no constraint: g unchanged, no NaN
+    assert torch.equal(out, g) and not conflict
     assert isinstance(conflict, torch.Tensor) and conflict.dim() == 0     # a tensor, never a Python bool
 
 
@@ -90,7 +108,7 @@ def test_set_trainable_and_shared_parameters():
     assert "embed.word.weight" not in names and not any(n.startswith("mlm.") for n in names)
     assert {"embed.position.weight", "embed.norm.weight", "layers.0.qkv.weight", "layers.3.ffn_norm.bias"} <= set(names)
     assert len(params) == sum(1 for n, _ in enc.named_parameters() if n != "embed.word.weight" and not n.startswith("mlm."))
-    continual.set_trainable(enc, "gem", train_embeddings=True)
+    continual.set_trainable(enc, "agem", train_embeddings=True)
     assert "embed.word.weight" in continual.shared_parameters(enc)[0]
     continual.set_trainable(enc, "freeze", freeze_layers=3)
     names, _ = continual.shared_parameters(enc)
@@ -100,7 +118,7 @@ def test_set_trainable_and_shared_parameters():
         continual.set_trainable(enc, "freeze", freeze_layers=5)
 
 
-def _gem_setup(method="gem", freeze_layers=2):
+def _agem_setup(method="agem", freeze_layers=2):
     enc, head = tiny_encoder(), model.TokenClassificationHead(16, 5, dropout=0.0)
     continual.set_trainable(enc, method, freeze_layers)
     g = torch.Generator().manual_seed(3)
@@ -123,8 +141,8 @@ def _gem_setup(method="gem", freeze_layers=2):
     return enc, head, task_loss, memory_loss
 
 
-def test_gem_backward_projects_only_the_shared_parameters():
-    enc, head, task_loss, memory_loss = _gem_setup()
+def test_agem_backward_projects_only_the_shared_parameters():
+    enc, head, task_loss, memory_loss = _agem_setup()
     _, shared = continual.shared_parameters(enc)
     head_params = list(head.parameters())
     g_task = torch.autograd.grad(task_loss(), shared + head_params)
@@ -133,7 +151,7 @@ def test_gem_backward_projects_only_the_shared_parameters():
     r = torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(g_ref, shared)])
     expected, _ = continual.project(g, r)
 
-    _, conflict, cos = continual.gem_backward(task_loss(), memory_loss, shared)
+    _, conflict, cos = continual.agem_backward(task_loss(), memory_loss, shared)
     assert bool(conflict) == bool(torch.dot(g, r) < 0)
     assert math.isclose(float(cos), float(F.cosine_similarity(g, r, dim=0)), rel_tol=1e-4, abs_tol=1e-6)
     torch.testing.assert_close(continual.flatten_grads(shared), expected)
@@ -143,23 +161,23 @@ def test_gem_backward_projects_only_the_shared_parameters():
     assert all(p.grad is None for p in enc.mlm.parameters())    # the previous task's head is frozen
 
 
-def test_gem_backward_on_an_exact_conflict_zeroes_the_shared_step_only():
+def test_agem_backward_on_an_exact_conflict_zeroes_the_shared_step_only():
     # A "previous task" whose loss is minus the task loss through the encoder (head detached): g_ref = -g on the
     # shared parameters, so the projection removes all of g there, while the head keeps its whole gradient.
-    enc, head, task_loss, _ = _gem_setup()
+    enc, head, task_loss, _ = _agem_setup()
     _, shared = continual.shared_parameters(enc)
     head_grads = torch.autograd.grad(task_loss(), list(head.parameters()))
-    _, conflict, cos = continual.gem_backward(task_loss(), lambda: -task_loss(detach_head=True), shared)
+    _, conflict, cos = continual.agem_backward(task_loss(), lambda: -task_loss(detach_head=True), shared)
     assert conflict and math.isclose(float(cos), -1.0, abs_tol=1e-5)
     assert continual.flatten_grads(shared).abs().max() < 1e-6
     for p, gt in zip(head.parameters(), head_grads):
         torch.testing.assert_close(p.grad, gt)
 
 
-def test_gem_backward_leaves_frozen_blocks_without_gradient():
-    enc, head, task_loss, memory_loss = _gem_setup("freeze", freeze_layers=2)
+def test_agem_backward_leaves_frozen_blocks_without_gradient():
+    enc, head, task_loss, memory_loss = _agem_setup("freeze", freeze_layers=2)
     _, shared = continual.shared_parameters(enc)
-    continual.gem_backward(task_loss(), memory_loss, shared)
+    continual.agem_backward(task_loss(), memory_loss, shared)
     frozen = list(enc.embed.parameters()) + list(enc.layers[:2].parameters()) + list(enc.mlm.parameters())
     assert all(p.grad is None for p in frozen)
     assert all(p.grad is not None for p in enc.layers[2:].parameters())
@@ -282,8 +300,8 @@ def test_naive_changes_every_block_but_not_the_word_embeddings(tiny_checkpoint):
     assert info["projected_steps"] is None and len(info["history"]) >= 1
 
 
-def test_gem_finetune_counts_projections(tiny_checkpoint):
-    enc, _, before, _, info = _finetune(tiny_checkpoint, "gem", ["--eval_every", "3"])
+def test_agem_finetune_counts_projections(tiny_checkpoint):
+    enc, _, before, _, info = _finetune(tiny_checkpoint, "agem", ["--eval_every", "3"])
     assert 0 <= info["projected_steps"] <= info["steps"] == 6
     assert -1.0 <= info["mean_cos_g_gref"] <= 1.0
     assert [h["step"] for h in info["history"]] == [3, 6]
@@ -308,7 +326,7 @@ def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
     assert saved["script"] == "continual.py" and saved["seeds"] == [0]
     assert saved["config"]["method"] == "all" and saved["seconds"] > 0
     runs, details = saved["results"]["0"], saved["details"]
-    assert list(runs) == ["before", "naive", "freeze", "multitask", "gem"] == list(saved["mean"])
+    assert list(runs) == ["before", "naive", "freeze", "multitask", "agem"] == list(saved["mean"])
     curves = details["per_layer"]["0"]
     for row in curves.values():
         assert set(row) == {"deu_Latn", "fra_Latn"}
@@ -316,29 +334,29 @@ def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
     # freeze keeps embeddings + block 1: its retrieval up to layer 1 equals the pre-trained one exactly
     for lang in ("deu_Latn", "fra_Latn"):
         assert curves["freeze"][lang][:2] == curves["before"][lang][:2]
-        assert runs["gem"][f"tatoeba {lang}"] == curves["gem"][lang][-1]
+        assert runs["agem"][f"tatoeba {lang}"] == curves["agem"][lang][-1]
     assert not any(k.startswith("pos ") for k in runs["before"])
-    for method in ("naive", "freeze", "multitask", "gem"):
+    for method in ("naive", "freeze", "multitask", "agem"):
         assert {"pos en", "pos de", "pos fr", "pos avg", "pos zero-shot avg", "dev", "tatoeba avg"} <= set(runs[method])
     assert all({"mlm loss", "mlm accuracy"} <= set(row) for row in runs.values())
     head_info = details["mlm_head"]["0"]
     assert head_info["loaded"] is False and Path(head_info["cache"]).is_file()
-    assert isinstance(details["train"]["0"]["gem"]["projected_steps"], int)
-    assert "embed.word.weight" not in details["gem_shared_parameter_names"]
+    assert isinstance(details["train"]["0"]["agem"]["projected_steps"], int)
+    assert "embed.word.weight" not in details["agem_shared_parameter_names"]
     md = (out / "results.md").read_text()
-    assert "| gem |" in md and "| layer 2 |" in md and "zero-shot avg" in md
-    enc, head, cfg = model.load_with_head(out / "gem")
-    assert cfg["xlt_continual"]["method"] == "gem" and head.num_labels == len(data.UPOS_TAGS)
-    assert res["results"]["0"]["gem"]["dev"] == runs["gem"]["dev"]
-    continual.main(["--method", "gem"] + argv[2:] + ["--no_save"])   # the fitted head comes from the cache
+    assert "| agem |" in md and "| layer 2 |" in md and "zero-shot avg" in md
+    enc, head, cfg = model.load_with_head(out / "agem")
+    assert cfg["xlt_continual"]["method"] == "agem" and head.num_labels == len(data.UPOS_TAGS)
+    assert res["results"]["0"]["agem"]["dev"] == runs["agem"]["dev"]
+    continual.main(["--method", "agem"] + argv[2:] + ["--no_save"])   # the fitted head comes from the cache
     again = json.loads((out / "results.json").read_text())
-    assert again["details"]["mlm_head"]["0"]["loaded"] is True and list(again["results"]["0"]) == ["before", "gem"]
+    assert again["details"]["mlm_head"]["0"]["loaded"] is True and list(again["results"]["0"]) == ["before", "agem"]
 
 
 def test_bad_flags_fail_with_one_line(tmp_path):
     with pytest.raises(model.XltError, match="--langs"):
         continual.main(["--langs", "deu_Latn,xxx", "--out_dir", str(tmp_path)])
-    for argv in (["--batch_size", "0"], ["--mlm_prob", "1.5"]):
+    for argv in (["--batch_size", "0"], ["--mlm_prob", "1.5"], ["--method", "gem"]):     # A-GEM is "agem"
         with pytest.raises(SystemExit):
             continual.parse_args(argv)
     r = subprocess.run([sys.executable, str(REPO / "continual.py"), "--langs", "klingon", "--out_dir", str(tmp_path)],

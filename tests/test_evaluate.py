@@ -71,6 +71,38 @@ def test_markdown_table_averages_and_zero_shot_average():
     assert _cells(gaps, "b") == ["b", "40.0", "-", "40.0"]
 
 
+def test_paired_bootstrap_by_hand():
+    # one seed, d = 100 (a - b) = (100, 0): a resample draws sentence 0 twice, once or never (1/4, 1/2, 1/4), so
+    # its mean is 100, 50 or 0; the 2.5th and 97.5th percentiles of that distribution are 0 and 100
+    assert ev.paired_bootstrap([[1, 1]], [[0, 1]], n=2000) == (50.0, 0.0, 100.0)
+    assert ev.paired_bootstrap([1, 0], [0, 0], n=2000) == (50.0, 0.0, 100.0)          # 1-D: one seed
+    assert ev.paired_bootstrap([[1], [0]], [[0], [0]], n=2000) == (50.0, 0.0, 100.0)  # the seeds are resampled too
+    # two seeds x two sentences, only cell (0, 0) differs: statistic = 100 c w / 4 with c, w ~ Binomial(2, 1/2) the
+    # draws of seed 0 and of sentence 0: 0, 25, 50, 100 with probabilities 7/16, 4/16, 4/16, 1/16 -> (25, 0, 100)
+    assert ev.paired_bootstrap([[1, 0], [0, 0]], [[0, 0], [0, 0]], n=2000) == (25.0, 0.0, 100.0)
+
+
+def test_paired_bootstrap_interval_shrinks_with_sentences_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+
+    def system(p, shape):
+        return (torch.rand(shape, generator=g) < p).double()
+    widths = {}
+    for sentences in (100, 1600):                      # one seed: with three, resampling seeds adds much noise
+        a, b = system(0.7, (1, sentences)), system(0.6, (1, sentences))
+        mean, low, high = ev.paired_bootstrap(a, b, seed=1)
+        widths[sentences] = high - low
+    assert 3.2 < widths[100] / widths[1600] < 4.8                                      # ~ 1 / sqrt(sentences)
+    a, b = system(0.7, (3, 200)), system(0.6, (3, 200))
+    mean, low, high = ev.paired_bootstrap(a, b, seed=1)
+    assert low < mean < high and mean == pytest.approx(100 * (a - b).mean().item())
+    assert ev.paired_bootstrap(a, b, seed=1) == (mean, low, high)                      # deterministic for a seed
+    assert ev.paired_bootstrap(a, b, seed=2)[1:] != (low, high)
+    assert ev.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)                                # identical systems
+    with pytest.raises(ValueError, match="paired_bootstrap"):
+        ev.paired_bootstrap(a, b[:, :10])
+
+
 def test_write_json_is_atomic_and_round_trips(tmp_path):
     path = tmp_path / "sub" / "results.json"
     obj = {"task": "sib200", "scores": {"eng_Latn": 81.4, "zho_Hans": 70.1}, "note": "ünïcode"}

@@ -101,6 +101,78 @@ def test_grow_diag_final_and_by_hand():
     assert transfer.grow_diag_final_and({(0, 0), (3, 3), (0, 5)}, {(0, 0)}) == {(0, 0), (3, 3)}
 
 
+def test_grow_diag_final_and_updates_during_the_scan_as_atools():
+    # The smallest case where growing from a snapshot of the links differs: intersection {(2,2)}; the scan meets
+    # (1,1) first (diagonal neighbour of (2,2), e word 1 unaligned) and adds it; then (1,2) joins two aligned words.
+    assert transfer.grow_diag_final_and({(1, 2), (2, 2)}, {(1, 1), (2, 2)}) == {(1, 1), (2, 2)}
+    # a link added early in a scan is a neighbour for the rest of it: (1,1) then (2,2) grow from (0,0) in one scan
+    assert transfer.grow_diag_final_and({(0, 0), (1, 1), (2, 2)}, {(0, 0)}) == {(0, 0), (1, 1), (2, 2)}
+    # (e, f) order decides: (0,1) and (1,0) come first and align words 0 and 1 on both sides, so (1,1) is left out
+    assert transfer.grow_diag_final_and({(0, 0), (0, 1), (1, 0), (1, 1)}, {(0, 0)}) == {(0, 0), (0, 1), (1, 0)}
+    # final-and: e2f is scanned before f2e; (3,4) from e2f takes e word 3 before f2e's (3,3) can
+    assert transfer.grow_diag_final_and({(0, 0), (3, 4)}, {(0, 0), (3, 3)}) == {(0, 0), (3, 4)}
+    assert transfer.grow_diag_final_and({(0, 0), (3, 3)}, {(0, 0), (3, 4)}) == {(0, 0), (3, 3)}
+
+
+def atools_grow_diag_final_and(a_links, b_links):
+    """The oracle: a line-by-line transliteration of `atools -i A -j B -c grow-diag-final-and` (clab/fast_align
+    src/atools.cc: ReadPharaohAlignmentGrid's grids, Safe, RefineCommand::InitRefine, Grow, GDFACommand::Apply),
+    kept independent of transfer.py: boolean grids, the candidate set p erased after each pass."""
+    def grid(links):                                   # Array2D(max_x + 1, max_y + 1), an empty line gives 1 x 1
+        width, height = (max((x[k] for x in links), default=0) + 1 for k in (0, 1))
+        g = [[False] * height for _ in range(width)]
+        for i, j in links:
+            g[i][j] = True
+        return g
+    a, b = grid(a_links), grid(b_links)
+    W, H = max(len(a), len(b)), max(len(a[0]), len(b[0]))
+
+    def safe(g, i, j):
+        return 0 <= i < len(g) and 0 <= j < len(g[0]) and g[i][j]
+    res, is_i, is_j = [[False] * H for _ in range(W)], [False] * W, [False] * H
+
+    def align(i, j):
+        res[i][j] = is_i[i] = is_j[j] = True
+    un = [[safe(a, i, j) or safe(b, i, j) for j in range(H)] for i in range(W)]
+    for i in range(W):
+        for j in range(H):
+            if safe(a, i, j) and safe(b, i, j):
+                align(i, j)
+    neighbors = [(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)]
+
+    def koehn_aligned(i, j):                           # IsOneOrBothUnaligned && IsNeighborAligned
+        return not (is_i[i] and is_j[j]) and any(safe(res, i + di, j + dj) for di, dj in neighbors)
+    p = [(i, j) for i in range(W) for j in range(H) if un[i][j] and not res[i][j]]     # std::set: (i, j) order
+    keep_going = bool(p)
+    while keep_going:
+        keep_going, added = False, []
+        for i, j in p:
+            if koehn_aligned(i, j):
+                align(i, j)
+                added.append((i, j))
+                keep_going = True
+        p = [x for x in p if x not in added]
+    for adds in (a, b):                                # Grow(IsNeitherAligned, idempotent=true, a) then b
+        for i in range(len(adds)):
+            for j in range(len(adds[0])):
+                if adds[i][j] and not res[i][j] and not (is_i[i] or is_j[j]):
+                    align(i, j)
+    return {(i, j) for i in range(W) for j in range(H) if res[i][j]}
+
+
+def test_grow_diag_final_and_matches_a_transliteration_of_atools():
+    rng = np.random.default_rng(0)
+    for n in range(400):
+        m, k = rng.integers(1, 9, size=2)
+        if n % 2:                                      # as the aligners give: one link (or none) per target word
+            e2f = {(int(rng.integers(m)), j) for j in range(k) if rng.random() < 0.8}
+            f2e = {(i, int(rng.integers(k))) for i in range(m) if rng.random() < 0.8}
+        else:                                          # any sets of links
+            e2f, f2e = ({(i, j) for i in range(m) for j in range(k) if rng.random() < 0.3} for _ in range(2))
+        assert transfer.grow_diag_final_and(set(e2f), set(f2e)) == atools_grow_diag_final_and(e2f, f2e), (e2f, f2e)
+    assert atools_grow_diag_final_and({(1, 2), (2, 2)}, {(1, 1), (2, 2)}) == {(1, 1), (2, 2)}   # the oracle agrees
+
+
 def test_translation_probs_are_normalised_link_counts():
     english, foreign, dictionary = synthetic_bitext()
     (f_idx, e_idx, p), stats = transfer.translation_probs(english, foreign, iterations=5)
@@ -119,18 +191,20 @@ def test_translation_probs_are_normalised_link_counts():
 def test_ramen_init_is_the_weighted_average_and_copies_specials():
     g = torch.Generator().manual_seed(0)
     E_e, b_e = torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
-    probs = (torch.tensor([5, 5, 6]), torch.tensor([2, 7, 3]), torch.tensor([0.25, 0.75, 1.0]))
-    specials = [(0, 0), (1, 3)]
+    probs = (torch.tensor([5, 5, 6, 2]), torch.tensor([2, 7, 3, 9]), torch.tensor([0.25, 0.75, 1.0, 1.0]))
+    specials = [(0, 0), (1, 3), (2, 8)]                # foreign 2: a special token with a translation (a linked [UNK])
     E_f, b_f = transfer.ramen_init(E_e, b_e, probs, specials, 8, torch.Generator().manual_seed(1))
     assert torch.allclose(E_f[5], 0.25 * E_e[2] + 0.75 * E_e[7])
     assert torch.allclose(b_f[5], 0.25 * b_e[2] + 0.75 * b_e[7])
     assert torch.equal(E_f[6], E_e[3]) and torch.equal(b_f[6], b_e[3])
     assert torch.equal(E_f[0], E_e[0]) and torch.equal(E_f[1], E_e[3]) and b_f[1] == b_e[3]
-    uncovered = [2, 3, 4, 7]
+    # RAMEN's init_weight.py copies the specials first, so a translation wins over the English special row
+    assert torch.equal(E_f[2], E_e[9]) and b_f[2] == b_e[9]
+    uncovered = [3, 4, 7]
     assert (E_f[uncovered].abs() > 0).all() and (b_f[uncovered] == 0).all()
     # the random baseline draws the same random rows; only the translated rows differ
     R_f, r_b = transfer.ramen_init(E_e, b_e, None, specials, 8, torch.Generator().manual_seed(1))
-    assert torch.equal(R_f[uncovered], E_f[uncovered]) and torch.equal(R_f[1], E_e[3])
+    assert torch.equal(R_f[uncovered], E_f[uncovered]) and torch.equal(R_f[1], E_e[3]) and torch.equal(R_f[2], E_e[8])
     assert not torch.allclose(R_f[5], E_f[5]) and r_b[5] == 0
     # the random rows are N(0, 1/H), as in RAMEN's init_weight.py
     big, _ = transfer.ramen_init(torch.zeros(1, 256), torch.zeros(1), None, [], 400, torch.Generator().manual_seed(2))
