@@ -212,8 +212,8 @@ def collate(examples, pad_id, device):
 def frozen_states(encoder, examples, n_blocks, pad_id, device, desc="cache"):
     """Cache the output of the encoder's first n_blocks blocks for every example: the token states of all
     examples, unpadded, in one float32 (tokens + 1, H) table on `device` whose last row is zeros (the
-    padding), and in each example 'states' = {'table': table, 'start': its first row}. The frozen blocks never change, so this
-    runs once per model and dataset, and a training step gathers its batch from the table (collate)."""
+    padding), and in each example 'states' = {'table': table, 'start': its first row}. The frozen blocks never
+    change, so this runs once per model and dataset, and a training step gathers its batch from the table (collate)."""
     if n_blocks == 0:
         return
     parts = [None] * len(examples)

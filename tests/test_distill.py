@@ -266,7 +266,8 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
     langs = ["eng_Latn", "deu_Latn", "amh_Ethi"]
     result = distill.main(["--teacher", str(teacher), "--student", str(student), "--data_dir", str(data_dir),
                            "--out_dir", str(out), "--langs", ",".join(langs), "--limit", "32",
-                           "--eval_limit", "16", "--epochs", "2", "--batch_size", "8", "--log_every", "2", "--device", device])
+                           "--eval_limit", "16", "--epochs", "2", "--batch_size", "8", "--log_every", "2",
+                           "--device", device])
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) == SCHEMA and saved["script"] == "distill.py" and saved["seeds"] == [1]
     assert saved["results"] == json.loads(json.dumps(result["results"]))
