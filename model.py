@@ -64,6 +64,8 @@ class Config:
 
     @classmethod
     def from_hf(cls, d, where="config.json"):
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{where}: not a JSON object")
         mt = d.get("model_type")
         if mt not in MODEL_TYPES:
             raise CheckpointError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
@@ -72,7 +74,30 @@ class Config:
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise CheckpointError(f"{where}: position_embedding_type {d['position_embedding_type']!r} is not supported")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None}).check(where)
+
+    def check(self, where):
+        """self, or a CheckpointError naming the first field (and `where`) that no encoder can be built from."""
+        def bad(name, why):
+            raise CheckpointError(f"{where}: {name} is {getattr(self, name)!r}, {why}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type is int and (type(v) is not int or v < (0 if f.name == "pad_token_id" else 1)):
+                bad(f.name, "expected a " + ("non-negative" if f.name == "pad_token_id" else "positive") + " integer")
+            if f.type is float and (type(v) not in (int, float) or not math.isfinite(v)):
+                bad(f.name, "expected a finite number")
+        if self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", f"not divisible by num_attention_heads ({self.num_attention_heads})")
+        if self.pad_token_id >= self.vocab_size:
+            bad("pad_token_id", f"not an id below vocab_size ({self.vocab_size})")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "expected a probability in [0, 1)")
+        if self.layer_norm_eps <= 0:
+            bad("layer_norm_eps", "expected > 0")
+        if self.initializer_range < 0:
+            bad("initializer_range", "expected >= 0")
+        return self
 
     def to_hf(self):
         arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel",
@@ -181,10 +206,13 @@ class Encoder(nn.Module):
         config, sd, where = read_checkpoint(path, verbose=verbose)
         if dropout is not None:
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
-        model = cls(config, mlm_head=mlm_head)
+        with torch.device("meta"):          # no memory, no random init: load_state assigns the weights
+            model = cls(config, mlm_head=mlm_head)
         model.checkpoint_has_mlm_head = load_state(model, sd, where)
-        if mlm_head and not model.checkpoint_has_mlm_head and verbose:
-            print(f"[model] {name_or_dir}: checkpoint has no MLM head; it is freshly initialised")
+        if mlm_head and not model.checkpoint_has_mlm_head:
+            model.mlm = MLMHead(config).apply(lambda m: init_weights(m, config.initializer_range))
+            if verbose:
+                print(f"[model] {name_or_dir}: checkpoint has no MLM head; it is freshly initialised")
         model.source = str(name_or_dir)
         return model
 
@@ -321,43 +349,85 @@ def resolve_checkpoint(name_or_dir):
 
 def read_safetensors(path):
     """safetensors without the package: an 8-byte little-endian header length, a JSON header of
-    {name: {dtype, shape, data_offsets}}, then the raw buffers."""
-    data = bytearray(Path(path).read_bytes())
-    n = struct.unpack_from("<Q", data)[0] if len(data) >= 8 else len(data)
-    if 8 + n > len(data):
-        raise CheckpointError(f"{path}: truncated safetensors file ({len(data)} bytes)")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-    header.pop("__metadata__", None)
-    body, out = memoryview(data)[8 + n:], {}
-    for name, info in header.items():
-        (start, end), dtype = info["data_offsets"], SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        count = math.prod(info["shape"])
-        if end > len(body) or end - start != count * torch.empty(0, dtype=dtype).element_size():
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (tensor {name!r} "
-                                  f"needs bytes {start}..{end}, data has {len(body)})")
-        t = torch.frombuffer(body[start:end], dtype=dtype, count=count) if count else torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"]).clone()
+    {name: {dtype, shape, data_offsets}}, then the raw buffers back to back. The header is checked in full
+    (safetensors_layout) before anything is read; each tensor is then read straight into its own storage."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size, head = os.fstat(f.fileno()).st_size, f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+        out = {}
+        for name, dtype, shape, start in safetensors_layout(header, size - 8 - n, path):
+            out[name] = t = torch.empty(shape, dtype=dtype)
+            f.seek(8 + n + start)
+            if t.numel() and f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != t.numel() * t.element_size():
+                raise CheckpointError(f"{path}: truncated while reading tensor {name!r}")
     return out
 
 
+def safetensors_layout(header, data_len, path):
+    """[(name, dtype, shape, start)] of a safetensors header, or a CheckpointError naming the entry and field:
+    known dtypes, shapes of non-negative ints, and byte ranges that match the shapes and tile the data
+    section exactly (in order, no gap, no overlap, nothing after the last)."""
+    def ints(x, n=None):
+        return (isinstance(x, list) and (n is None or len(x) == n)
+                and all(type(i) is int and 0 <= i < 2 ** 63 for i in x))
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: safetensors __metadata__ is not an object of strings")
+    entries = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
+        if not ints(shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not ints(offsets, 2) or offsets[0] > offsets[1]:
+            raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [start, end] with 0 <= start <= end")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        need = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if offsets[1] - offsets[0] != need:
+            raise CheckpointError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes; "
+                                  f"shape {shape} of {info['dtype']} needs {need}")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    end = 0
+    for start, stop, name, _, _ in sorted(entries, key=lambda e: e[:2]):
+        if start != end:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {start}, but the previous tensor "
+                                  f"ends at {end} (overlap or gap: corrupt safetensors file)")
+        end = stop
+    if end != data_len:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file (the tensors need {end} bytes of "
+                              f"data, the file has {data_len})")
+    return [(name, dtype, shape, start) for start, _, name, dtype, shape in entries]
+
+
 def write_safetensors(tensors, path):
-    """Write {name: tensor} as a .safetensors file, atomically."""
-    header, offset, blobs = {}, 0, []
+    """Write {name: tensor} as a .safetensors file, atomically, tensor by tensor from the tensors' own memory
+    (no second copy of the whole state in memory)."""
+    header, offset, flat = {}, 0, []
     for name, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        blobs.append(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat.append(t.detach().cpu().contiguous().reshape(-1))     # a view, not a copy, for the usual CPU tensor
         dtype = next(k for k, v in SAFETENSORS_DTYPES.items() if v == t.dtype)
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
-        offset += len(blobs[-1])
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)                       # the format pads the header to 8 bytes
     with atomic_file(path) as f:
-        f.writelines([struct.pack("<Q", len(h)) + h, *blobs])
+        f.write(struct.pack("<Q", len(h)) + h)
+        for t in flat:
+            if t.numel():
+                f.write(t.view(torch.uint8).numpy())
 
 
 def current_umask():
@@ -489,18 +559,16 @@ def name_pairs(n_layers, roberta_head):
     return [(o, t) for o, t in pairs if o not in absent]
 
 
-def hf_to_xlt(sd):
+def hf_to_xlt(sd, n_layers, where):
     """Rename Hugging Face tensors onto ours: strip the bert./roberta. prefix, old gamma/beta names,
-    and fuse query/key/value into one QKV matrix. Returns (ours, unexpected names)."""
+    and fuse query/key/value into one QKV matrix. Returns (ours, unexpected names); layers past the
+    config's `n_layers` are unexpected."""
     src = {}
     for k, v in sd.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         for prefix in ("bert.", "roberta.", "camembert.", "model."):
             k = k.removeprefix(prefix)
         src[k] = v
-    n_layers = 0
-    while f"encoder.layer.{n_layers}.attention.self.query.weight" in src:
-        n_layers += 1
     out, used = {}, set()
     for ours, theirs in name_pairs(n_layers, False) + name_pairs(n_layers, True):
         if theirs in src:
@@ -510,13 +578,18 @@ def hf_to_xlt(sd):
         for kind in ("weight", "bias"):
             qkv = [f"encoder.layer.{i}.attention.self.{n}.{kind}" for n in QKV]
             if all(n in src for n in qkv):
+                if len({src[n].shape for n in qkv}) > 1:
+                    raise CheckpointError(f"{where}: {', '.join(qkv)} have different shapes "
+                                          f"{', '.join(str(tuple(src[n].shape)) for n in qkv)}")
                 out[f"layers.{i}.qkv.{kind}"] = torch.cat([src[n] for n in qkv])
                 used.update(qkv)
     return out, sorted(k for k in src if k not in used and not any(s in k for s in IGNORED))
 
 
 def xlt_to_hf(state, config):
-    """Our tensors under Hugging Face names, QKV split back; with an MLM head, prefixed as *ForMaskedLM."""
+    """Our tensors under Hugging Face names, QKV split back; with an MLM head, prefixed as *ForMaskedLM. The
+    decoder is not stored: it is the word embeddings (weight) and the head's bias, and transformers, as we
+    do, ties it back on loading (its save omits it too)."""
     roberta = config.model_type in ROBERTA_FAMILY
     has_mlm = any(k.startswith("mlm.") for k in state)
     prefix = ("roberta." if roberta else "bert.") if has_mlm else ""
@@ -528,32 +601,47 @@ def xlt_to_hf(state, config):
                 out[f"{prefix}encoder.layer.{i}.attention.self.{n}.{kind}"] = chunk
         else:
             out[("" if k.startswith("mlm") else prefix) + names[k]] = v
-    if has_mlm:   # the tied decoder, stored as transformers stores it
-        dec = "lm_head.decoder" if roberta else "cls.predictions.decoder"
-        out[f"{dec}.weight"], out[f"{dec}.bias"] = state["embed.word.weight"], state["mlm.bias"]
     return out
 
 
 def load_state(model, sd, where):
-    """Copy a Hugging Face state dict into `model`, checking every name and shape; whether it held an MLM head."""
-    ours, unexpected = hf_to_xlt(sd)
+    """Load a Hugging Face state dict into `model`, checking every name, dtype and shape: the tensors become its
+    parameters (assign: from_pretrained builds the model on the meta device, so nothing is initialised only to
+    be overwritten), cast to the model's dtype. Returns whether sd held an MLM head; without one, model.mlm is
+    left as it is."""
+    floating(sd, where)
+    ours, unexpected = hf_to_xlt(sd, model.config.num_hidden_layers, where)
     has_mlm = any(k.startswith("mlm.") for k in ours)
-    expected = model.state_dict()
     if model.mlm is None:
         ours = {k: v for k, v in ours.items() if not k.startswith("mlm.")}
-    missing = sorted(k for k in expected if k not in ours and not (k.startswith("mlm.") and not has_mlm))
+    expected = model.state_dict()
+    check_state(ours, expected, where, unexpected, optional=() if has_mlm else ("mlm.",))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in ours.items()}, strict=False, assign=True)
+    return has_mlm
+
+
+def floating(sd, where):
+    """A CheckpointError naming the first weight that is not of a floating type (fp16, bf16 and fp64 are cast):
+    an integer tensor where a weight belongs is a corrupt or mislabelled file, not something to convert."""
+    for k, v in sd.items():
+        if not v.is_floating_point() and not any(s in k for s in IGNORED):
+            raise CheckpointError(f"{where}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, "
+                                  "not a floating-point type")
+
+
+def check_state(tensors, expected, where, unexpected=(), optional=(), by="config"):
+    """A CheckpointError (one line) unless `tensors` has every name of the state dict `expected` (but those
+    starting with an `optional` prefix), no other (nor the `unexpected` ones already found), each in its shape."""
+    missing = sorted(k for k in expected if k not in tensors and not k.startswith(optional))
+    unexpected = sorted([*unexpected, *(k for k in tensors if k not in expected)])
     msg = [f"{what} keys: {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else "")
            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     if msg:
         raise CheckpointError(f"{where}: " + "; ".join(msg))
-    for k, v in ours.items():
+    for k, v in tensors.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(v.shape)}, "
-                                  f"config expects {tuple(expected[k].shape)}")
-    with torch.no_grad():
-        for k, v in ours.items():
-            expected[k].copy_(v)
-    return has_mlm
+                                  f"{by} expects {tuple(expected[k].shape)}")
 
 
 def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
