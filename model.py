@@ -328,7 +328,7 @@ def resolve_checkpoint(name_or_dir):
     XLT_HUB=1 asks for the hub's version; else the Hugging Face cache, then a download (not with
     HF_HUB_OFFLINE=1). Otherwise a CheckpointError that lists what was tried."""
     name, p = str(name_or_dir), Path(str(name_or_dir)).expanduser()
-    if p.is_dir() or (p.is_file() and p.suffix == ".bin" and p.read_bytes()[:4] == b"E5S1"):
+    if p.is_dir() or (p.is_file() and p.suffix == ".bin" and magic(p) == b"E5S1"):
         if p.is_dir() and not (p / "config.json").exists():
             raise CheckpointError(f"{p}: directory has no config.json (not a Hugging Face checkpoint)")
         return p
@@ -360,6 +360,11 @@ def resolve_checkpoint(name_or_dir):
         except ImportError:
             tried.append("huggingface_hub (not installed)")
     raise CheckpointError(f"cannot find checkpoint {name!r}; tried: " + "; ".join(tried))
+
+
+def magic(path):
+    with open(path, "rb") as f:
+        return f.read(4)
 
 
 def read_safetensors(path):
