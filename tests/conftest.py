@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))          # the scripts are top-level modules: `pytest` works from anywhere
 
 
+@pytest.fixture(scope="session", autouse=True)
+def xlt_cache(tmp_path_factory):
+    """The tests never read or write the user's cache (model.cache_dir): a fresh one per session, which the
+    scripts the tests start inherit."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XLT_CACHE", str(tmp_path_factory.mktemp("xlt_cache")))
+    yield Path(os.environ["XLT_CACHE"])
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def device():
     """The device the end-to-end tests pass as --device: $XLT_TEST_DEVICE, default cpu (never 'auto', so a

@@ -116,6 +116,12 @@ def test_round_trip_to_transformers(model_type, tmp_path):
         h = enc(ids, mask)
         assert (h - ref(input_ids=ids, attention_mask=mask).last_hidden_state)[mask.bool()].abs().max() <= 1e-5
         assert (enc.mlm_logits(h) - mlm(input_ids=ids, attention_mask=mask).logits)[mask.bool()].abs().max() <= 1e-5
+    # the tied decoder is stored once, as transformers itself stores it, and transformers ties it back
+    assert mlm.get_output_embeddings().weight.data_ptr() == mlm.get_input_embeddings().weight.data_ptr()
+    mlm.save_pretrained(tmp_path / "theirs")
+    ours_keys = set(read_safetensors(tmp_path / "ckpt" / "model.safetensors"))
+    assert ours_keys == set(read_safetensors(tmp_path / "theirs" / "model.safetensors"))
+    assert not [k for k in ours_keys if "decoder" in k]
     # ours loads it back bit-identically, head included
     enc2, head2, cfg2 = load_with_head(tmp_path / "ckpt")
     assert cfg2["xlt_head"] == {"type": "sequence", "pooling": "mean", "num_labels": 3}
