@@ -211,7 +211,7 @@ def align(f_q, tok, pairs, args, device, seed, prefix=""):
     # length-bucketed epochs over the pairs, as many as the steps need
     batches = (idx for epoch in itertools.count() for idx in data.bucket_batches(lengths, args.align_batch_size,
                                                                                  seed, epoch))
-    log, losses, n_query_b, n_seen = [], model.LossLog(args.log_every, steps), 0, 0
+    log, losses, n_query_b, n_seen = [], model.LossLog(args.log_every, steps, "alignment", opt), 0, 0
     for step, idx in zip(tqdm(range(steps), desc="align"), batches):
         batch, n_b = alignment_batch(prepared, idx, special, c.vocab_size, generator, args.max_len,
                                      args.mask_prob, c.position_offset)
@@ -232,6 +232,7 @@ def align(f_q, tok, pairs, args, device, seed, prefix=""):
         if (means := losses.add(loss, loss_tlm, loss_moco)) is not None:
             log.append({"step": step + 1, **{name: round(v, 4) for name, v in zip(("loss", "tlm", "moco"), means)}})
             tqdm.write(f"[align] step {step + 1}/{steps}  TLM {means[1]:.4f}  MoCo {means[2]:.4f}  lr {lr:.2e}")
+    losses.finish()
     f_q.eval()
     return {"log": log, "query_side_b": n_query_b / max(1, n_seen), "pairs_seen": n_seen}, f_k
 

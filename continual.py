@@ -210,7 +210,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
     vocab, pad = memory.vocab.to(device), data.special_ids(tok)["pad"]
     per_epoch = -(-len(train) // args.batch_size)
     total, eval_every = per_epoch * args.epochs, args.eval_every or per_epoch
-    losses, log = model.LossLog(args.log_every, total), []
+    losses, log = model.LossLog(args.log_every, total, method, opt), []
     n_projected, cos_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     best, history, step = None, [], 0
 
@@ -249,6 +249,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
                 tqdm.write(f"[{method}] step {step}: EWT dev UPOS accuracy {acc:.2f}")
                 if best is None or acc > best[0]:    # keep a copy of what training changes
                     best = (acc, model.trainable_state(enc, head))
+    losses.finish()
     model.restore(best[1])
     enc.requires_grad_(False)
     gem = method == "gem"

@@ -261,7 +261,7 @@ def train(m, train_sets, dev_sets, args, device, pad_id, seed, alpha=0.0, zs_wei
     schedule = [language_batches(train_sets, args.batch_size, seed, e) for e in range(epochs)]
     total = sum(len(batches) for batches in schedule)
     warmup, step, best = math.ceil(args.warmup * total), 0, None
-    losses, log = model.LossLog(args.log_every, total), {"dev": [], "loss": []}
+    losses, log = model.LossLog(args.log_every, total, desc, opt), {"dev": [], "loss": []}
     for epoch, batches in enumerate(schedule):
         for lang, idx in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             model.set_lr(opt, model.lr_schedule(step, total, warmup))
@@ -280,6 +280,7 @@ def train(m, train_sets, dev_sets, args, device, pad_id, seed, alpha=0.0, zs_wei
         tqdm.write(f"[{desc}] epoch {epoch + 1}/{epochs}: dev " + ", ".join(f"{k} {v:.1f}" for k, v in dev.items()))
         if best is None or mean > best[0]:
             best = (mean, epoch + 1, model.trainable_state(m))
+    losses.finish()
     model.restore(best[2])
     log["best_epoch"] = best[1]
     return log

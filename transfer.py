@@ -292,7 +292,7 @@ def train_mlm(enc, streams, steps, lr, args, device, desc):
     its vocabulary swapped in, sums the losses (Stage B: English + foreign, as ramen.py adds their gradients)
     and takes one AdamW step on whatever requires grad. Returns the mean loss per stream of each log window."""
     opt = model.configure_optimizer([enc] + [v for v, _ in streams], lr, args.weight_decay)
-    log, losses = model.LossLog(args.log_every, steps), []
+    log, losses = model.LossLog(args.log_every, steps, desc, opt), []
     enc.train()
     for step in tqdm(range(steps), desc=desc, leave=False):
         model.set_lr(opt, model.lr_schedule(step, steps, int(args.warmup * steps)))
@@ -306,6 +306,7 @@ def train_mlm(enc, streams, steps, lr, args, device, desc):
         if (mean := log.add(loss)) is not None:
             losses.append(mean[0] / len(streams))             # per stream: comparable across stages
             tqdm.write(f"[{desc}] step {step + 1}/{steps}  MLM loss {losses[-1]:.3f}")
+    log.finish()
     return losses
 
 
