@@ -368,7 +368,10 @@ class RunFolder:
         self.units, self.lock = self.dir / "units", None
         if RunFolder.active:                         # one command per process: an earlier main() (tests) is over
             RunFolder.active.close()
+        RunFolder.active = self
         if rank == 0:
+            if self.dir.exists() and not self.dir.is_dir():
+                raise XltError(f"--out_dir {self.dir} is a file, not a folder")
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self.lock = open(self.dir / ".lock", "a+")
@@ -388,7 +391,6 @@ class RunFolder:
             config = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
                       if k not in self.NOT_RESULTS | set(selectors) | {"argv"}}
             self._fingerprint({"script": script, "config": config}, getattr(args, "restart", False))
-        RunFolder.active = self
 
     def _clean(self):
         """Remove what a killed save left: .NAME.XXXXXXXX[.tmp] (atomic_file, save_pretrained) and .NAME.old."""
