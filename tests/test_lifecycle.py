@@ -16,26 +16,28 @@ from model import XltError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs `script` with its argv in a fresh process whose Nth model.write_safetensors call first sends the
+# Runs `script` with its argv in a fresh process whose Nth call of module.function (a writer) first sends the
 # process `signal` (SIGKILL: a crash in the middle of a save; SIGINT: Ctrl-C).
 WRAPPER = """
 import os, runpy, signal, sys
 sys.path.insert(0, {repo!r})
-import model
-calls, real = [0], model.write_safetensors
-def write(tensors, path):
+import {module}
+calls, real = [0], {module}.{function}
+def write(*args):
     calls[0] += 1
     if calls[0] == {at}:
         os.kill(os.getpid(), signal.{signal})
-    real(tensors, path)
-model.write_safetensors = write
+    return real(*args)
+{module}.{function} = write
 sys.argv = [{script!r}] + {argv!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def run_with_signal(script, argv, at, signal):
-    code = WRAPPER.format(repo=str(REPO), at=at, signal=signal, script=str(REPO / script), argv=argv)
+def run_with_signal(script, argv, at, signal, writer="model.write_safetensors"):
+    module, function = writer.split(".")
+    code = WRAPPER.format(repo=str(REPO), module=module, function=function, at=at, signal=signal,
+                          script=str(REPO / script), argv=argv)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
@@ -153,3 +155,47 @@ def test_ctrl_c_keeps_the_finished_units_and_says_how_to_resume(distill_argv, tm
                                                  "the same command resumes")
     assert strict_json(out / "results.json")["units"]["done"] == ["seed1-teacher"]
     assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json", "results.md", "teacher", "units"]
+
+
+# Per script: tiny flags, the Nth call of a writer that is killed, and the unit the rerun must skip.
+# continual: save calls 1-2 are naive's model (killed in it; 'before' is done); mblm: write_json calls are
+# run.json, then per unit its record and results.json, the 8th the mblm variant's mblm.json; align: 1 is
+# aligned/, 2-3 the unaligned classifier; transfer: write_json 4 is the random init's record.
+def resume_cases(ckpt, data_dir):
+    small = ["--data_dir", str(data_dir), "--epochs", "1", "--batch_size", "8", "--dropout", "0", "--device", "cpu",
+             "--seeds", "0"]
+    m2, m3 = ckpt("m2", layers=2, seed=1), ckpt("m3", layers=3, seed=0)
+    return {
+        "continual": (["--model", str(m2), "--method", "naive", "--langs", "deu_Latn", "--limit", "16",
+                       "--eval_limit", "8", "--memory_langs", "eng_Latn", "--memory_per_lang", "4",
+                       "--memory_eval_per_lang", "2", "--max_len", "32"], "model.write_safetensors", 2, "seed0-before"),
+        "mblm": (["--student", str(m3), "--teachers", f"eng_Latn={m2},fra_Latn={m2}", "--langs",
+                  "eng_Latn,fra_Latn,deu_Latn", "--variants", "multi_teacher", "mblm", "--limit", "12", "--eval_limit",
+                  "8", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2"],
+                 "evaluate.write_json", 8, "seed0-multi_teacher"),
+        "align": (["--model", str(m2), "--align_langs", "deu_Latn", "--align_steps", "2", "--align_batch_size", "4",
+                   "--queue_size", "8", "--langs", "eng_Latn,deu_Latn", "--limit", "16", "--eval_limit", "8",
+                   "--max_len", "32"], "model.write_safetensors", 3, "seed0-align"),
+        "transfer": (["--model", str(m2), "--reference", str(m2), "--langs", "fra_Latn", "--vocab_size", "200",
+                      "--stage_a_steps", "1", "--stage_b_steps", "1", "--limit", "40", "--eval_limit", "8"],
+                     "evaluate.write_json", 4, "fra_Latn-seed0-ramen"),
+    }, small
+
+
+@pytest.mark.parametrize("script", ["continual", "mblm", "align", "transfer"])
+def test_killed_runs_resume_to_the_uninterrupted_numbers(script, tiny_checkpoint, data_dir, tmp_path):
+    cases, small = resume_cases(tiny_checkpoint, data_dir)
+    argv, writer, at, skipped = cases[script]
+    main = __import__(script).main
+    clean = main(argv + small + ["--out_dir", str(tmp_path / "clean")])
+    argv = argv + small + ["--out_dir", str(tmp_path / "out")]
+    r = run_with_signal(f"{script}.py", argv, at, "SIGKILL", writer)
+    assert r.returncode == -9, r.stderr
+    assert skipped in strict_json(tmp_path / "out" / "results.json")["units"]["done"]
+    r = run_with_signal(f"{script}.py", argv, 0, "SIGKILL", writer)
+    assert r.returncode == 0, r.stderr
+    assert f"[{script}.py] {skipped}: finished in an earlier run, skipped" in r.stdout
+    final = strict_json(tmp_path / "out" / "results.json")
+    assert final["results"] == json.loads(json.dumps(clean["results"])) and final["units"]["pending"] == []
+    for path in (tmp_path / "out").rglob("*.json"):
+        strict_json(path)
