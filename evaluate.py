@@ -408,18 +408,19 @@ class RunFolder:
             shutil.rmtree(self.units)
             for name in ("results.json", "results.md"):
                 (self.dir / name).unlink(missing_ok=True)
-        if path.is_file():
-            theirs = json.loads(path.read_text())
-            if theirs != mine:
-                a, b = theirs.get("config", {}), mine["config"]
-                diff = ([f"script {theirs.get('script')} there, {mine['script']} here"] if
-                        theirs.get("script") != mine["script"] else [])
-                diff += [f"--{k} {a.get(k)} there, {b.get(k)} here" for k in sorted(set(a) | set(b))
-                         if a.get(k) != b.get(k)]
-                raise XltError(f"--out_dir {self.dir} holds units of another command ({'; '.join(diff)}): use "
-                               f"another --out_dir, or add --restart to discard them")
-        else:
-            write_json(path, mine)
+        theirs = json.loads(path.read_text()) if path.is_file() else None
+        if theirs == mine:
+            return
+        if theirs and any(p.name != "run.json" for p in self.units.glob("*.json")):     # finished units
+            a, b = theirs.get("config", {}), mine["config"]
+            diff = ([f"script {theirs.get('script')} there, {mine['script']} here"] if
+                    theirs.get("script") != mine["script"] else [])
+            diff += [f"--{k} {a.get(k)} there, {b.get(k)} here" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+            raise XltError(f"--out_dir {self.dir} holds units of another command ({'; '.join(diff)}): use "
+                           f"another --out_dir, or add --restart to discard them")
+        shutil.rmtree(self.units, ignore_errors=True)      # a command that finished no unit left nothing to keep
+        write_json(path, mine)
 
     def need(self, *encoders):
         """Stop before training unless the file system has room for one checkpoint of each encoder given (one

@@ -412,7 +412,13 @@ def main(argv=None):
                 publish(unit, record)
             continue
         bitext, foreign, english, sources = corpora(args, lang)                            # the corpora
-        foreign_tok = train_foreign_tokenizer(foreign, args.vocab_size, eng_tok)           # a foreign vocabulary
+        kept = run.units / f"{lang}.tokenizer"            # the trainer breaks ties in hash order, per process:
+        if kept.is_file():                                   # a resumed run must have the same vocabulary
+            foreign_tok = Tokenizer.from_file(str(kept))
+        else:
+            foreign_tok = train_foreign_tokenizer(foreign, args.vocab_size, eng_tok)       # a foreign vocabulary
+            with model.atomic_file(kept, "w") as f:
+                f.write(foreign_tok.to_str())
         probs, alignment_info = alignment(bitext, eng_tok, foreign_tok, args)             # p(e | f)
         corpora_info = dict(sources=sources, bitext_pairs=len(bitext), foreign_sentences=len(foreign),
                             english_sentences=len(english), foreign_vocab_size=foreign_tok.get_vocab_size())
