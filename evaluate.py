@@ -14,6 +14,7 @@ No input prefix by default: e5's "query: " measured worse on Tatoeba (README.md)
 """
 import argparse
 import copy
+import errno
 import fcntl
 import json
 import os
@@ -548,18 +549,26 @@ def parse(p, argv):
 
 
 def cli(main):
-    """Run a script's main: bad input (XltError) ends in one line on stderr and exit status 1; Ctrl-C in one
-    line saying what was kept and how to resume, exit status 130."""
+    """Run a script's main: bad input (XltError) and a full or read-only disk end in one line on stderr and exit
+    status 1; Ctrl-C in one line saying what was kept and how to resume, exit status 130."""
     try:
         main()
     except XltError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):      # a full or read-only disk mid-run
+            raise
+        sys.exit(f"error: cannot write {e.filename or 'the output'} ({e.strerror}); {kept()}")
     except KeyboardInterrupt:
-        run = RunFolder.active
-        kept = (f"{len(run.progress()['done'])} finished units kept in {run.dir}; the same command resumes"
-                if run else "nothing was written")
-        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        print(f"\ninterrupted: {kept()}", file=sys.stderr)
         sys.exit(130)
+
+
+def kept():
+    """What an ended run leaves: its finished units, which the same command resumes from."""
+    run = RunFolder.active
+    return (f"{len(run.progress()['done'])} finished units kept in {run.dir}; the same command resumes"
+            if run else "nothing was written")
 
 
 # -------------------- Languages and prefixes -----------------------------------------------------

@@ -1,6 +1,7 @@
 """The machinery the five scripts share: training utilities (model.py), subsets, language codes and
 masked-LM batches (data.py), the fine-tune protocol, per-layer tables, results schema and flags (evaluate.py)."""
 import argparse
+import errno
 import json
 import time
 
@@ -212,3 +213,18 @@ def test_common_flags_are_checked_by_argparse(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         ev.parse(p, [flag, *value.split()])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_cli_makes_a_full_disk_one_line_and_keeps_other_os_errors(monkeypatch):
+    monkeypatch.setattr(ev.RunFolder, "active", None)
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "out/results.json")
+    with pytest.raises(SystemExit, match=r"^error: cannot write out/results.json \(No space left on device\); "
+                                         r"nothing was written$"):
+        ev.cli(full)
+
+    def missing():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+    with pytest.raises(FileNotFoundError):          # not an output problem: a bug keeps its traceback
+        ev.cli(missing)
