@@ -228,3 +228,13 @@ def test_cli_makes_a_full_disk_one_line_and_keeps_other_os_errors(monkeypatch):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
     with pytest.raises(FileNotFoundError):          # not an output problem: a bug keeps its traceback
         ev.cli(missing)
+
+
+def test_save_pretrained_over_a_stale_old_folder(tiny_checkpoint, tmp_path):
+    enc = model.Encoder.from_pretrained(tiny_checkpoint(), verbose=False)
+    model.save_pretrained(enc, tmp_path / "x")
+    (tmp_path / ".x.old").mkdir()                  # left by a save killed between its two renames
+    (tmp_path / ".x.old" / "config.json").write_text("{}")
+    model.save_pretrained(enc, tmp_path / "x")     # a save over x moves x to .x.old first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".x") or p.name == "x") == ["x"]
+    assert model.Encoder.from_pretrained(tmp_path / "x", verbose=False).config == enc.config
