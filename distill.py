@@ -335,9 +335,9 @@ def main(argv=None):
     try:
         if args.batch_size < world:
             raise XltError(f"--batch_size {args.batch_size} is smaller than the {world} processes")
-        run = evaluate.RunFolder(args, "distill.py", rank=rank)           # checked and locked before anything else
-        model.all_reduce_sum(torch.zeros(1, device=device))               # the other ranks wait for rank 0's checks
         task = load_task(args)
+        run = evaluate.RunFolder(args, "distill.py", rank=rank)           # checked and locked before the models load
+        model.all_reduce_sum(torch.zeros(1, device=device))               # the other ranks wait for rank 0's checks
         names = {"teacher": args.teacher, "student": args.student}
         prefixes = {role: evaluate.resolve_prefix(args.prefix, name) for role, name in names.items()}
         toks = {role: data.load_tokenizer(name) for role, name in names.items()}
