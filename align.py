@@ -216,7 +216,7 @@ def align(f_q, tok, pairs, args, device, seed, prefix=""):
     # length-bucketed epochs over the pairs, as many as the steps need
     batches = (idx for epoch in itertools.count() for idx in data.bucket_batches(lengths, args.align_batch_size,
                                                                                  seed, epoch))
-    log, losses, n_query_b, n_seen = [], model.LossLog(args.log_every, steps), 0, 0
+    log, losses, n_query_b, n_seen = [], model.LossLog(args.log_every, steps, "alignment", opt), 0, 0
     for step, idx in zip(tqdm(range(steps), desc="align"), batches):
         batch, n_b = alignment_batch(prepared, idx, special, c.vocab_size, generator, args.max_len,
                                      args.mask_prob, c.position_offset)
@@ -237,6 +237,7 @@ def align(f_q, tok, pairs, args, device, seed, prefix=""):
         if (means := losses.add(loss, loss_tlm, loss_moco)) is not None:
             log.append({"step": step + 1, **{name: round(v, 4) for name, v in zip(("loss", "tlm", "moco"), means)}})
             tqdm.write(f"[align] step {step + 1}/{steps}  TLM {means[1]:.4f}  MoCo {means[2]:.4f}  lr {lr:.2e}")
+    losses.finish()
     f_q.eval()
     return {"log": log, "query_side_b": n_query_b / max(1, n_seen), "pairs_seen": n_seen}, f_k
 
@@ -260,66 +261,86 @@ EVAL_LANGS = ["eng_Latn", "deu_Latn", "hin_Deva", "swh_Latn", "zho_Hans", "fra_L
               "yor_Latn"]   # English, the 4 aligned by default, 4 others (zero-shot even with code-switching)
 
 
-def experiment(args, seed, tok, pairs, source, setup, device, prefix):
-    """One seed: Tatoeba before, align, Tatoeba after; then fine-tune each of {unaligned, aligned} on English
-    SIB-200 with and without code-switching, and test it on --langs. Returns (rows, details)."""
+def experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publish):
+    """One seed, as units of the run folder: "seed0-align" (Tatoeba before, align, Tatoeba after; the aligned
+    encoder is out/aligned, reloaded by a resumed run, or aligned again under --no_save), then one unit per
+    fine-tune of {unaligned, aligned} on English SIB-200 with and without code-switching, tested on --langs.
+    publish(seed, rows, details) gets each finished unit's rows and details."""
     data_dir, langs, tatoeba_langs, train_rows, dev_rows, alternatives = setup
     out = Path(args.out_dir) / ("" if len(args.seeds) == 1 else f"seed{seed}")
+    cs = f"code-switch p={args.cs_prob:g}"
+    runs = {"unaligned": ("unaligned", 0.0), f"unaligned + {cs}": ("unaligned_cs", args.cs_prob),
+            "aligned": ("aligned_finetuned", 0.0), f"aligned + {cs}": ("aligned_cs", args.cs_prob)}
+    record = run.done(f"seed{seed}-align")
+    done = {name: run.done(f"seed{seed}-{slug}") for name, (slug, _) in runs.items()}
+    if record and all(done.values()):
+        publish(seed, *record.values())
+        for rec in done.values():
+            publish(seed, *rec.values())
+        return
     timings, t = {}, time.time()
     model.set_seed(seed)                    # a fresh MLM head is drawn here for e5/MiniLM
     f_q = model.Encoder.from_pretrained(args.model, mlm_head=args.tlm_weight > 0, dropout=args.dropout).to(device)
     evaluate.check_max_len(args.max_len, f_q, args.model)
+    if not args.no_save:
+        run.need(*[f_q] * 5)
 
     def tatoeba(encoder):                   # xx->en top-1 of every hidden state, mean pooling
         return evaluate.tatoeba(encoder, tok, data_dir, tatoeba_langs, device, True, args.eval_limit, prefix,
                                 args.max_len)
     base = key_encoder(f_q)                 # the unaligned encoder, a frozen copy for the baselines
-    retrieval = {"before": tatoeba(base)}
-    timings["tatoeba before"], t = time.time() - t, time.time()
-    align_log, _ = align(f_q, tok, pairs, args, device, seed, prefix)
-    timings["align"], t = time.time() - t, time.time()
-    if not args.no_save:
-        f_q.save_pretrained(out / "aligned", tokenizer=tok, extra={"xlt_prefix": prefix, "xlt_align": {
-            "steps": args.align_steps, "data": source, "pooling": args.pooling, "seed": seed}})
-    aligned, f_q = key_encoder(f_q), None   # the aligned encoder without its MLM head
-    retrieval["after"] = tatoeba(aligned)
-    timings["tatoeba after"] = time.time() - t
-    rows = {f"tatoeba {when}": {**{tatoeba_langs[lang]: r["xx->en"] for lang, r in res.items()},
-                                "avg": statistics.fmean(r["xx->en"] for r in res.values())}
-            for when, res in retrieval.items() if res}
-    details = {"alignment": align_log, "finetune": {}, "timings": timings,
-               "tatoeba pairs": {lang: r["n"] for lang, r in retrieval["before"].items()},
-               "tatoeba per layer": {when: {lang: r["per_layer"] for lang, r in res.items()}
-                                     for when, res in retrieval.items()}}
-
-    cs = f"code-switch p={args.cs_prob:g}"
-    runs = {"unaligned": ("unaligned", base, 0.0), f"unaligned + {cs}": ("unaligned_cs", base, args.cs_prob),
-            "aligned": ("aligned_finetuned", aligned, 0.0), f"aligned + {cs}": ("aligned_cs", aligned, args.cs_prob)}
-    for name, (slug, start, p) in runs.items():
-        t, switched = time.time(), []
-
-        def epoch_rows(epoch):              # code-switching (none at p = 0), redrawn every epoch
-            texts, used = code_switch_single([r["text"] for r in train_rows], alternatives, p,
-                                             np.random.default_rng([seed, epoch]))
-            switched.append(round(sum(u is not None for u in used) / len(used), 3))
-            return [{**r, "text": text} for r, text in zip(train_rows, texts)]
-        encoder = copy.deepcopy(start).requires_grad_(True)
-        encoder.embed.word.weight.requires_grad_(args.train_embeddings)
-        if args.compile:
-            model.compile_blocks(encoder)
-        head, log = evaluate.finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix, args.pooling,
-                                      name, epoch_rows)
-        scores = evaluate.sib200_scores(encoder, head, tok, data_dir, langs, device, max_len=args.max_len,
-                                        prefix=prefix, limit=args.eval_limit)
-        rows[name] = evaluate.with_averages(scores, "eng_Latn")
-        details["finetune"][name] = {**log, "switched": switched}
-        timings["finetune " + name] = time.time() - t
+    if record and (out / "aligned").is_dir():
+        f_q = model.Encoder.from_pretrained(out / "aligned", dropout=args.dropout).to(device)
+    else:                                   # (aligned again under --no_save: the same steps, the same encoder)
+        if record is None:
+            retrieval = {"before": tatoeba(base)}
+            timings["tatoeba before"], t = time.time() - t, time.time()
+        align_log, _ = align(f_q, tok, pairs, args, device, seed, prefix)
+        timings["align"], t = time.time() - t, time.time()
         if not args.no_save:
-            model.save_pretrained(encoder, out / slug, tok, head, extra={"xlt_prefix": prefix, "xlt_align": {
-                "run": name, "english_dev": log["dev"], "epoch": log["best_epoch"], "seed": seed}})
-        print(f"[align] seed {seed}, {name}: English dev {log['dev']:.1f} (epoch {log['best_epoch']}), test avg "
-              f"{rows[name]['avg']:.1f}, {timings['finetune ' + name]:.0f} s")
-    return rows, {**details, "timings": {k: round(v, 1) for k, v in timings.items()}}
+            f_q.save_pretrained(out / "aligned", tokenizer=tok, extra={"xlt_prefix": prefix, "xlt_align": {
+                "steps": args.align_steps, "data": source, "pooling": args.pooling, "seed": seed}})
+    aligned, f_q = key_encoder(f_q), None   # the aligned encoder without its MLM head
+    if record is None:
+        retrieval["after"] = tatoeba(aligned)
+        timings["tatoeba after"] = time.time() - t
+        rows = {f"tatoeba {when}": {**{tatoeba_langs[lang]: r["xx->en"] for lang, r in res.items()},
+                                    "avg": statistics.fmean(r["xx->en"] for r in res.values())}
+                for when, res in retrieval.items() if res}
+        record = run.finish(f"seed{seed}-align", {"rows": rows, "details": {
+            "alignment": align_log, "timings": {k: round(v, 1) for k, v in timings.items()},
+            "tatoeba pairs": {lang: r["n"] for lang, r in retrieval["before"].items()},
+            "tatoeba per layer": {when: {lang: r["per_layer"] for lang, r in res.items()}
+                                  for when, res in retrieval.items()}}})
+    publish(seed, *record.values())
+
+    for name, (slug, p) in runs.items():
+        if done[name] is None:
+            t, switched = time.time(), []
+
+            def epoch_rows(epoch):              # code-switching (none at p = 0), redrawn every epoch
+                texts, used = code_switch_single([r["text"] for r in train_rows], alternatives, p,
+                                                 np.random.default_rng([seed, epoch]))
+                switched.append(round(sum(u is not None for u in used) / len(used), 3))
+                return [{**r, "text": text} for r, text in zip(train_rows, texts)]
+            encoder = copy.deepcopy(base if name.startswith("unaligned") else aligned).requires_grad_(True)
+            encoder.embed.word.weight.requires_grad_(args.train_embeddings)
+            if args.compile:
+                model.compile_blocks(encoder)
+            head, log = evaluate.finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix,
+                                          args.pooling, name, epoch_rows)
+            scores = evaluate.sib200_scores(encoder, head, tok, data_dir, langs, device, max_len=args.max_len,
+                                            prefix=prefix, limit=args.eval_limit)
+            seconds = time.time() - t
+            if not args.no_save:
+                model.save_pretrained(encoder, out / slug, tok, head, extra={"xlt_prefix": prefix, "xlt_align": {
+                    "run": name, "english_dev": log["dev"], "epoch": log["best_epoch"], "seed": seed}})
+            row = evaluate.with_averages(scores, "eng_Latn")
+            print(f"[align] seed {seed}, {name}: English dev {log['dev']:.1f} (epoch {log['best_epoch']}), test avg "
+                  f"{row['avg']:.1f}, {seconds:.0f} s")
+            done[name] = run.finish(f"seed{seed}-{slug}", {"rows": {name: row}, "details": {
+                "finetune": {name: {**log, "switched": switched}}, "timings": {"finetune " + name: round(seconds, 1)}}})
+        publish(seed, *done[name].values())
 
 
 def main(argv=None):
@@ -334,6 +355,7 @@ def main(argv=None):
         raise XltError("--align_langs must not contain eng_Latn: every language is paired with English")
     align_langs = [lang for lang in align_langs if lang != "eng_Latn"]
     langs = evaluate.resolve_langs(args.langs, "sib200", data_dir, default=EVAL_LANGS)
+    run = evaluate.RunFolder(args, "align.py")                     # checked and locked before anything else
     have = set(data.tatoeba_languages(data_dir))            # Tatoeba measures the aligned languages
     tatoeba_langs = {data.tatoeba_code(f): f for f in align_langs if data.tatoeba_code(f) in have}   # code: FLORES
     prefix = evaluate.resolve_prefix(args.prefix, args.model)
@@ -351,25 +373,36 @@ def main(argv=None):
 
     per_seed, details = {}, {"pairs": len(pairs), "data": source, "prefix": prefix, "code_switch": {"p": args.cs_prob,
                              "langs": align_langs, "kind": "English train sentence -> its SIB-200 train translation"}}
-    for seed in args.seeds:
-        per_seed[seed], details[f"seed {seed}"] = experiment(args, seed, tok, pairs, source, setup, device, prefix)
-    mean, std = evaluate.mean_std(per_seed)
+    result = None
 
-    def table(row_name, tatoeba):           # one kind of rows, each cell the mean (± std) over seeds
-        names = [n for n in mean if n.startswith("tatoeba") == tatoeba]
-        return evaluate.markdown_table({n: mean[n] for n in names}, std={n: std[n] for n in names},
-                                       row_name=row_name, averages=False)
-    tables = [f"SIB-200 test accuracy (%); code-switching: p = {args.cs_prob:g} into {','.join(align_langs)}\n\n"
-              + table("fine-tuned on English", False)]
-    if tatoeba_langs:
-        curves = [details[f"seed {s}"]["tatoeba per layer"] for s in args.seeds]
-        curves = {when: {lang: [statistics.fmean(v) for v in zip(*(c[when][lang] for c in curves))]
-                         for lang in tatoeba_langs} for when in ("before", "after")}
-        tables[:0] = [f"Tatoeba xx->en top-1 (%) per hidden state, mean over {','.join(tatoeba_langs)} (and seeds)"
-                      "\n\n" + evaluate.per_layer_table(curves), "Tatoeba xx->en top-1 (%) at the last layer, "
-                      f"{args.eval_limit or 'all'} pairs per language\n\n" + table("Tatoeba", True)]
-    return evaluate.write_results(args, "align.py", "Pan et al. 2021, Multilingual BERT Post-Pretraining "
-                                  "Alignment (NAACL 2021)", per_seed, tables, details, device, t0)
+    def publish(seed, rows, unit_details):           # results.json and .md after every finished unit
+        nonlocal result
+        per_seed.setdefault(seed, {}).update(rows)
+        mine = details.setdefault(f"seed {seed}", {"alignment": None, "finetune": {}, "timings": {}})
+        for key, value in unit_details.items():
+            mine[key] = {**mine[key], **value} if key in ("finetune", "timings") else value
+        mean, std = evaluate.mean_std(per_seed)
+
+        def table(row_name, tatoeba):           # one kind of rows, each cell the mean (± std) over seeds
+            names = [n for n in mean if n.startswith("tatoeba") == tatoeba]
+            return evaluate.markdown_table({n: mean[n] for n in names}, std={n: std[n] for n in names},
+                                           row_name=row_name, averages=False)
+        tables = [f"SIB-200 test accuracy (%); code-switching: p = {args.cs_prob:g} into {','.join(align_langs)}\n\n"
+                  + table("fine-tuned on English", False)]
+        if tatoeba_langs:
+            curves = [details[f"seed {s}"]["tatoeba per layer"] for s in per_seed if "tatoeba before" in per_seed[s]]
+            curves = {when: {lang: [statistics.fmean(v) for v in zip(*(c[when][lang] for c in curves))]
+                             for lang in tatoeba_langs} for when in ("before", "after")}
+            tables[:0] = [f"Tatoeba xx->en top-1 (%) per hidden state, mean over {','.join(tatoeba_langs)} (and seeds)"
+                          "\n\n" + evaluate.per_layer_table(curves), "Tatoeba xx->en top-1 (%) at the last layer, "
+                          f"{args.eval_limit or 'all'} pairs per language\n\n" + table("Tatoeba", True)]
+        result = evaluate.write_results(args, "align.py", "Pan et al. 2021, Multilingual BERT Post-Pretraining "
+                                        "Alignment (NAACL 2021)", per_seed, tables, details, device, t0, run)
+    run.plan = [f"seed{seed}-{u}" for seed in args.seeds for u in
+                ("align", "unaligned", "unaligned_cs", "aligned_finetuned", "aligned_cs")]
+    for seed in args.seeds:
+        experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publish)
+    return result
 
 
 def build_parser():

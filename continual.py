@@ -237,7 +237,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
     vocab, pad = memory.vocab.to(device), data.special_ids(tok)["pad"]
     per_epoch = -(-len(train) // args.batch_size)
     total, eval_every = per_epoch * args.epochs, args.eval_every or per_epoch
-    losses, log = model.LossLog(args.log_every, total), []
+    losses, log = model.LossLog(args.log_every, total, method, opt), []
     n_projected, cos_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     best, history, step = None, [], 0
 
@@ -276,6 +276,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
                 tqdm.write(f"[{method}] step {step}: EWT dev UPOS accuracy {acc:.2f}")
                 if best is None or acc > best[0]:    # keep a copy of what training changes
                     best = (acc, model.trainable_state(enc, head))
+    losses.finish()
     model.restore(best[1])
     enc.requires_grad_(False)
     agem = method == "agem"
@@ -316,6 +317,8 @@ def main(argv=None):
         raise XltError(f"--langs: {','.join(x for x in langs if x not in PAIRED) or 'empty'}: choose FLORES-200 "
                        f"codes of languages with a Tatoeba and a PUD set: {','.join(PAIRED)}")
     device, methods = model.pick_device(args.device), list(METHODS) if args.method == "all" else [args.method]
+    run = evaluate.RunFolder(args, "continual.py", selectors=("method",))      # checked and locked before anything else
+    run.plan = [f"seed{seed}-{r}" for seed in args.seeds for r in ["before"] + methods]
     memory_langs = evaluate.resolve_langs(args.memory_langs, "sib200", args.data_dir, flag="memory_langs")
 
     # Data: EWT train/dev, the memory (SIB-200 train) and held-out text to measure MLM (SIB-200 dev).
@@ -331,62 +334,87 @@ def main(argv=None):
     print(f"[continual] {args.model} on {device}; sentences: {sizes}; {len(memory_langs)} memory languages")
 
     per_seed, best_dev, details = {}, {}, {"sizes": sizes, "mlm_head": {}, "train": {}, "per_layer": {}}
+    result, held_out = None, None
+
+    def publish(seed, name, record):                # results.json and .md after every finished unit
+        nonlocal result
+        per_seed.setdefault(seed, {})[name] = record["row"]
+        details["per_layer"].setdefault(seed, {})[name] = record["curves"]
+        if name == "before":
+            details["mlm_head"][seed] = record["mlm_head"]
+        else:
+            details["train"].setdefault(seed, {})[name] = record["train"]
+            best_dev[name] = max(best_dev.get(name, -1.0), record["row"]["dev"])    # what the saved model has
+        if name == "agem":
+            details["agem_shared_parameter_names"] = record["shared_names"]
+        tables = report(per_seed, details, methods, held_out)
+        result = evaluate.write_results(args, "continual.py", PAPER, per_seed, tables, details, device, t0, run)
+
     for seed in args.seeds:
+        records = {r: run.done(f"seed{seed}-{r}") for r in ["before"] + methods}
+        if all(records.values()):                  # nothing to train: the seed's setup is not needed either
+            held_out = held_out or bool(sib.get("dev"))
+            for name, record in records.items():
+                publish(seed, name, record)
+            continue
         model.set_seed(seed)
         enc = model.Encoder.from_pretrained(args.model, mlm_head=True, dropout=args.dropout).to(device)
         evaluate.check_max_len(args.max_len, enc, args.model)
         if "freeze" in methods:
             set_trainable(enc, "freeze", args.freeze_layers)          # checks --freeze_layers before training
+        if not args.no_save:
+            run.need(*[enc] * len(methods))
         if args.compile:
             model.compile_blocks(enc)
         V = enc.config.vocab_size
         vocab = mlm_vocab(sib.values(), tok, V, args.mlm_vocab == "full")
         memory = Memory(sib["train"], vocab, tok, V, args.memory_batch_size, args.mlm_prob, seed)
         held_out = Memory(sib.get("dev", []), vocab, tok, V, 32, args.mlm_prob, seed=1234).batches()  # fixed masks
-        details["mlm_head"][seed] = mlm_head(enc, memory, args, seed, device)
+        mlm_info = mlm_head(enc, memory, args, seed, device)
         enc.requires_grad_(False)
-        rows, curves, train_log = {}, {}, {}
-        rows["before"], curves["before"] = measure(enc, None, tok, langs, held_out, vocab, args, device)
+        if records["before"] is None:
+            row, curves = measure(enc, None, tok, langs, held_out, vocab, args, device)
+            records["before"] = run.finish(f"seed{seed}-before", {"row": row, "curves": curves, "mlm_head": mlm_info})
+        publish(seed, "before", records["before"])
         pretrained = {k: v.detach().clone() for k, v in enc.state_dict().items()}
         for method in methods:                      # each method from the same pre-trained weights
-            t = time.time()
-            model.set_seed(seed)
-            enc.load_state_dict(pretrained)
-            memory.generator.manual_seed(seed)
-            head = model.TokenClassificationHead(enc.config.hidden_size, len(data.UPOS_TAGS),
-                                                 dropout=enc.config.hidden_dropout_prob).to(device)
-            info = finetune(enc, head, method, train, dev, memory, tok, args, device, seed)
-            rows[method], curves[method] = measure(enc, head, tok, langs, held_out, vocab, args, device)
-            rows[method]["dev"], names = info["dev"], info.pop("shared_names")
-            train_log[method] = {**info, "seconds_with_eval": round(time.time() - t, 1)}
-            if method == "agem":
-                details["agem_shared_parameter_names"] = names
-            if not args.no_save and info["dev"] > best_dev.get(method, -1.0):    # the seed best on EWT dev
-                best_dev[method] = info["dev"]
-                model.save_pretrained(enc, Path(args.out_dir) / method, tokenizer=tok, head=head,
-                                      extra={"xlt_prefix": "", "xlt_continual": {"method": method, "seed": seed,
-                                                                                 "dev": info["dev"]}})
-            print(f"[continual] seed {seed} {method}: dev {info['dev']:.2f}, zero-shot PUD avg "
-                  f"{rows[method]['pos zero-shot avg']:.2f}, last-layer retrieval avg "
-                  f"{rows[method]['tatoeba avg']:.1f} ({time.time() - t:.0f} s)")
-        per_seed[seed] = rows
-        details["train"][seed], details["per_layer"][seed] = train_log, curves
-    return evaluate.write_results(args, "continual.py", PAPER, per_seed, report(per_seed, details, methods, held_out),
-                                  details, device, t0)
+            if records[method] is None:
+                t = time.time()
+                model.set_seed(seed)
+                enc.load_state_dict(pretrained)
+                memory.generator.manual_seed(seed)
+                head = model.TokenClassificationHead(enc.config.hidden_size, len(data.UPOS_TAGS),
+                                                     dropout=enc.config.hidden_dropout_prob).to(device)
+                info = finetune(enc, head, method, train, dev, memory, tok, args, device, seed)
+                row, curves = measure(enc, head, tok, langs, held_out, vocab, args, device)
+                row["dev"], names = info["dev"], info.pop("shared_names")
+                if not args.no_save and info["dev"] > best_dev.get(method, -1.0):    # the seed best on EWT dev
+                    model.save_pretrained(enc, Path(args.out_dir) / method, tokenizer=tok, head=head,
+                                          extra={"xlt_prefix": "", "xlt_continual": {"method": method, "seed": seed,
+                                                                                     "dev": info["dev"]}})
+                print(f"[continual] seed {seed} {method}: dev {info['dev']:.2f}, zero-shot PUD avg "
+                      f"{row['pos zero-shot avg']:.2f}, last-layer retrieval avg "
+                      f"{row['tatoeba avg']:.1f} ({time.time() - t:.0f} s)")
+                records[method] = run.finish(f"seed{seed}-{method}", {
+                    "row": row, "curves": curves, "train": {**info, "seconds_with_eval": round(time.time() - t, 1)},
+                    **({"shared_names": names} if method == "agem" else {})})
+            publish(seed, method, records[method])
+    return result
 
 
 def report(per_seed, details, methods, held_out):
     """The README's tables: retrieval per hidden state (mean over languages), per language at the last
     layer, zero-shot POS, and the held-out MLM; each cell a mean (± std) over seeds."""
-    mean, std = evaluate.mean_std(per_seed)
-    runs, seeds = ["before"] + methods, list(per_seed)
+    mean, std = evaluate.mean_std(per_seed)                  # (a partial run: only the finished rows)
+    runs, methods = [r for r in ["before"] + methods if r in mean], [m for m in methods if m in mean]
 
     def table(prefix, rows, **kw):                  # the columns of one measurement, prefix stripped
         def pick(d):
             return {r: {k[len(prefix):]: v for k, v in d[r].items() if k.startswith(prefix)} for r in rows}
         return evaluate.markdown_table(pick(mean), std=pick(std), averages=False, **kw)
-    curves = {r: {lang: [statistics.fmean(x) for x in zip(*(details["per_layer"][s][r][lang] for s in seeds))]
-                  for lang in details["per_layer"][seeds[0]][r]} for r in runs}      # mean over seeds
+    curves = {r: [c[r] for c in details["per_layer"].values() if r in c] for r in runs}
+    curves = {r: {lang: [statistics.fmean(x) for x in zip(*(c[lang] for c in cs))] for lang in cs[0]}
+              for r, cs in curves.items()}                  # mean over seeds
     tables = ["Tatoeba xx->en top-1 per hidden state, mean over languages\n\n" + evaluate.per_layer_table(curves),
               "Tatoeba xx->en top-1 at the last layer, per language\n\n" + table("tatoeba ", runs),
               "Zero-shot UPOS accuracy on UD PUD (en = the training language)\n\n" + table("pos ", methods)]

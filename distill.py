@@ -180,7 +180,7 @@ def train(clf, enc, method, targets, args, device, rank, world, seed, metric):
     epoch_batches = [[b for b in data.bucket_batches(lengths, args.batch_size, seed, epoch) if len(b) >= world]
                      for epoch in range(args.epochs)]
     total = sum(map(len, epoch_batches))
-    losses, log, best, step = model.LossLog(args.log_every, total), {"dev_curve": [], "loss": []}, None, 0
+    losses, log, best, step = model.LossLog(args.log_every, total, method, opt), {"dev_curve": [], "loss": []}, None, 0
     for epoch, batches in enumerate(epoch_batches):
         clf.train()
         for global_idx in tqdm(batches, desc=f"{method} epoch {epoch + 1}/{args.epochs}", leave=False,
@@ -213,6 +213,7 @@ def train(clf, enc, method, targets, args, device, rank, world, seed, metric):
             tqdm.write(f"[{method}] epoch {epoch + 1}: English dev {metric} {dev:.1f}")
         if best is None or dev > best[0]:   # every rank sees the same reduced dev score: all keep one epoch
             best = (dev, epoch + 1, model.trainable_state(clf))
+    losses.finish()
     model.restore(best[2])
     log.update(dev=round(best[0], 2), best_epoch=best[1])
     return log
@@ -268,52 +269,64 @@ def encode_rows(tok, rows, max_len, prefix):
     return examples
 
 
-def run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world, best_dev):
-    """The four models of one seed: ({method: {lang: percent}}, {method: training log})."""
-    results, logs, C, metric = {}, {}, task["num_labels"], task["metric"]
+def run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world, run, best_dev, publish):
+    """The four models of one seed, each a unit of the run folder ("seed1-teacher", ...; a finished one is
+    skipped): publish(seed, method, record) gets each record, {'scores': {lang: percent}, 'log'}."""
+    C, metric = task["num_labels"], task["metric"]
 
     def fit(method, role, targets=None, clf=None):
         """Train (a fresh model unless clf is given), score it zero-shot, save it if best on dev so far."""
         clf = (new_classifier(bases[role], C, args, seed) if clf is None else clf).to(device)
         t = time.time()
-        log = logs[method] = train(clf, encs[role], method, targets, args, device, rank, world, seed, metric)
+        log = train(clf, encs[role], method, targets, args, device, rank, world, seed, metric)
         log["seconds"], t = round(time.time() - t, 1), time.time()
-        results[method] = {lang: score(clf, ex, encs[role]["pad"], metric, device, rank, world)
-                           for lang, ex in tqdm(encs[role]["test"].items(), desc=f"{method} zero-shot",
-                                                leave=False, disable=rank != 0)}
+        scores = {lang: score(clf, ex, encs[role]["pad"], metric, device, rank, world)
+                  for lang, ex in tqdm(encs[role]["test"].items(), desc=f"{method} zero-shot",
+                                       leave=False, disable=rank != 0)}
         log["eval_seconds"] = round(time.time() - t, 1)
         if rank == 0:
-            zs = evaluate.with_averages(results[method], task["train_lang"])["zero-shot avg"]
+            zs = evaluate.with_averages(scores, task["train_lang"])["zero-shot avg"]
             tqdm.write(f"[distill] seed {seed} {method}: English dev {log['dev']:.1f} (epoch {log['best_epoch']}), "
                        f"zero-shot avg {'-' if zs is None else f'{zs:.1f}'}, {log['seconds']:.0f} s train + "
                        f"{log['eval_seconds']:.0f} s eval")
         if rank == 0 and not args.no_save and log["dev"] > best_dev.get(method, -1.0):   # by English dev only
-            best_dev[method] = log["dev"]
             model.save_pretrained(clf.encoder, Path(args.out_dir) / method, tokenizer=toks[role], head=clf.head,
                                   extra={"xlt_prefix": prefixes[role],
                                          "xlt_distill": {"method": method, "seed": seed, "task": args.task,
                                                          "english_dev": log["dev"], "epoch": log["best_epoch"]}})
-        return clf
+        return clf, {"scores": scores, "log": log}
 
-    # 1. the monolingual teacher, fine-tuned on English, then frozen: its soft targets, computed once.
-    teacher = fit("teacher", "teacher")
-    t_logits, t_z = predict(teacher, encs["teacher"]["train"], encs["teacher"]["pad"], device, rank, world)
-    targets = (t_logits, standardise(t_z))
-    del teacher
-    # 2. baseline: vanilla fine-tuning of the multilingual student.
-    fit("baseline", "student")
-    # 3. approach 1: output distillation.
-    fit("output_distill", "student", targets)
-    # 4. approach 2: representation distillation through a linear map, started at the ridge fit from the
-    #    pretrained student's vectors to the teacher's.
-    student = new_classifier(bases["student"], C, args, seed).to(device)
-    s_z = predict(student, encs["student"]["train"], encs["student"]["pad"], device, rank, world)[1]
-    student.proj = fit_linear_map(s_z, targets[1], args.ridge).to(device)
-    with torch.no_grad():
-        start = representation_loss(student.proj(s_z), targets[1]).mean().item()
-    fit("repr_distill", "student", targets, student)
-    logs["repr_distill"]["repr_loss_at_start"] = round(start, 4)
-    return results, logs
+    def finished(method, record):
+        best_dev[method] = max(best_dev.get(method, -1.0), record["log"]["dev"])   # what the saved model has
+        publish(seed, method, record)
+        return record
+
+    # 1. the monolingual teacher, fine-tuned on English, then frozen: its soft targets, computed once and kept
+    #    with its unit, so that a resumed run has them.
+    if (record := run.done(f"seed{seed}-teacher")) is None:
+        teacher, record = fit("teacher", "teacher")
+        t_logits, t_z = predict(teacher, encs["teacher"]["train"], encs["teacher"]["pad"], device, rank, world)
+        record = run.finish(f"seed{seed}-teacher", record, {"logits": t_logits, "z": standardise(t_z)})
+        del teacher
+    tensors = record.pop("tensors")
+    targets = (tensors["logits"].to(device), tensors["z"].to(device))
+    finished("teacher", record)
+    for method in METHODS[1:]:
+        if (record := run.done(f"seed{seed}-{method}")) is None:
+            if method == "repr_distill":
+                # approach 2: representation distillation through a linear map, started at the ridge fit from
+                # the pretrained student's vectors to the teacher's.
+                student = new_classifier(bases["student"], C, args, seed).to(device)
+                s_z = predict(student, encs["student"]["train"], encs["student"]["pad"], device, rank, world)[1]
+                student.proj = fit_linear_map(s_z, targets[1], args.ridge).to(device)
+                with torch.no_grad():
+                    start = representation_loss(student.proj(s_z), targets[1]).mean().item()
+                record = fit(method, "student", targets, student)[1]
+                record["log"]["repr_loss_at_start"] = round(start, 4)
+            else:                   # baseline: vanilla fine-tuning; output_distill: approach 1
+                record = fit(method, "student", targets if method == "output_distill" else None)[1]
+            record = run.finish(f"seed{seed}-{method}", record)
+        finished(method, record)
 
 
 def main(argv=None):
@@ -323,6 +336,8 @@ def main(argv=None):
         if args.batch_size < world:
             raise XltError(f"--batch_size {args.batch_size} is smaller than the {world} processes")
         task = load_task(args)
+        run = evaluate.RunFolder(args, "distill.py", rank=rank)           # checked and locked before the models load
+        model.all_reduce_sum(torch.zeros(1, device=device))               # the other ranks wait for rank 0's checks
         names = {"teacher": args.teacher, "student": args.student}
         prefixes = {role: evaluate.resolve_prefix(args.prefix, name) for role, name in names.items()}
         toks = {role: data.load_tokenizer(name) for role, name in names.items()}
@@ -330,6 +345,8 @@ def main(argv=None):
                  for role, name in names.items()}
         for role, name in names.items():
             evaluate.check_max_len(args.max_len, bases[role], name)
+        if not args.no_save:
+            run.need(bases["teacher"], *[bases["student"]] * 3)
         encs = {role: {"train": encode_rows(toks[role], task["train"], args.max_len, prefixes[role]),
                        "dev": encode_rows(toks[role], task["dev"], args.max_len, prefixes[role]),
                        "test": {lang: encode_rows(toks[role], rows, args.max_len, prefixes[role])
@@ -343,19 +360,25 @@ def main(argv=None):
                 c = bases[role].config
                 print(f"[distill] {role}: {name} ({c.num_hidden_layers} layers, width {c.hidden_size}, "
                       f"vocabulary {c.vocab_size}, prefix {prefixes[role]!r})")
-        per_seed, logs, best_dev = {}, {}, {}
+        per_seed, logs, best_dev, result = {}, {}, {}, None
+        run.plan = [f"seed{seed}-{method}" for seed in args.seeds for method in METHODS]
+
+        def publish(seed, method, record):          # results.json and .md after every finished unit
+            nonlocal result
+            per_seed.setdefault(seed, {})[method] = evaluate.with_averages(record["scores"], task["train_lang"])
+            logs.setdefault(seed, {})[method] = record["log"]
+            if rank != 0:
+                return
+            mean, std = evaluate.mean_std(per_seed)
+            seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean ± std over seeds {args.seeds}"
+            table = (f"{args.task} test {'macro-F1' if task['metric'] == 'macro_f1' else 'accuracy'} (%), trained on "
+                     f"{task['train_lang']} only, model selection on English dev; {seeds}\n\n"
+                     + evaluate.markdown_table(mean, std=std, averages=False))
+            details = {"train_log": logs, "sizes": sizes, "world_size": world}
+            result = evaluate.write_results(args, "distill.py", PAPER, per_seed, [table], details, device, t0, run)
         for seed in args.seeds:
-            scores, logs[seed] = run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world, best_dev)
-            per_seed[seed] = {m: evaluate.with_averages(row, task["train_lang"]) for m, row in scores.items()}
-        if rank != 0:
-            return None
-        mean, std = evaluate.mean_std(per_seed)
-        seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean ± std over seeds {args.seeds}"
-        table = (f"{args.task} test {'macro-F1' if task['metric'] == 'macro_f1' else 'accuracy'} (%), trained on "
-                 f"{task['train_lang']} only, model selection on English dev; {seeds}\n\n"
-                 + evaluate.markdown_table(mean, std=std, averages=False))
-        details = {"train_log": logs, "sizes": sizes, "world_size": world}
-        return evaluate.write_results(args, "distill.py", PAPER, per_seed, [table], details, device, t0)
+            run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world, run, best_dev, publish)
+        return result
     finally:
         model.close_distributed()
 

@@ -14,11 +14,14 @@ No input prefix by default: e5's "query: " measured worse on Tatoeba (README.md)
 """
 import argparse
 import copy
+import errno
+import fcntl
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -216,7 +219,7 @@ def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", 
     examples, dev = (data.encode_rows(tok, rows, args.max_len, prefix) for rows in (train_rows, dev_rows))
     opt = model.configure_optimizer([encoder, head], args.lr, args.weight_decay)
     total = args.epochs * -(-len(train_rows) // args.batch_size)
-    losses, log = model.LossLog(args.log_every, total), {"dev_curve": [], "loss": []}
+    losses, log = model.LossLog(args.log_every, total, desc, opt), {"dev_curve": [], "loss": []}
     best, step = None, 0
     for epoch in range(args.epochs):
         if epoch_rows:
@@ -240,6 +243,7 @@ def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", 
         tqdm.write(f"[{desc}] epoch {epoch + 1}: dev accuracy {dev_acc:.1f}")
         if best is None or dev_acc > best[0]:
             best = (dev_acc, epoch + 1, model.trainable_state(encoder, head))
+    losses.finish()
     model.restore(best[2])
     log.update(dev=round(best[0], 2), best_epoch=best[1])
     return head, log
@@ -277,13 +281,14 @@ def with_averages(row, train_lang):
 
 
 def mean_std(per_seed):
-    """({method: {key: mean over seeds}}, {method: {key: sample std, or None with one seed}})."""
+    """({method: {key: mean over seeds}}, {method: {key: sample std, or None with one seed}}); a seed that
+    lacks a method (a partial results.json) is left out of that method's numbers."""
     runs = list(per_seed.values())
     mean, std = {}, {}
-    for method, row in runs[0].items():
+    for method in dict.fromkeys(m for r in runs for m in r):
         mean[method], std[method] = {}, {}
-        for key in row:
-            values = [r[method][key] for r in runs if r[method].get(key) is not None]
+        for key in dict.fromkeys(k for r in runs for k in r.get(method, {})):
+            values = [r[method][key] for r in runs if r.get(method, {}).get(key) is not None]
             mean[method][key] = statistics.fmean(values) if values else None
             std[method][key] = statistics.stdev(values) if len(values) > 1 else None
     return mean, std
@@ -318,10 +323,12 @@ def paired_bootstrap(a, b, n=1000, seed=0):
 
 
 def write_json(path, obj):
-    """Write obj as JSON (indent 2), atomically (model.atomic_file)."""
+    """Write obj as strict JSON (indent 2), atomically (model.atomic_file). NaN and infinity are not JSON:
+    the training loops stop on a non-finite loss, so one reaching this point is a bug (ValueError)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with model.atomic_file(path, "w") as f:
-        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        f.write(text)
 
 
 def hardware(device):
@@ -335,22 +342,156 @@ def hardware(device):
     return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
 
 
-def write_results(args, script, paper, per_seed, tables, details, device, t0):
+def write_results(args, script, paper, per_seed, tables, details, device, t0, run=None):
     """OUT_DIR/results.json in the schema every script shares: script, paper, command, config, seeds,
-    results {seed: {method: {key: number}}}, mean and std over seeds (same shape, one level up), hardware,
-    seconds, and the script's own details; and OUT_DIR/results.md, the tables the README shows."""
+    results {seed: {method: {key: number}}}, mean and std over seeds (same shape, one level up), units (the
+    finished and the pending units of the run folder: a partial file says what it lacks), hardware, seconds,
+    and the script's own details; and OUT_DIR/results.md, the tables the README shows. Scripts call it after
+    every finished unit, so a killed run leaves a correct partial results.json."""
     mean, std = mean_std(per_seed)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "argv"}
+    units = run.progress() if run else None
     result = {"script": script, "paper": paper, "command": shlex.join(["python", script] + args.argv), "config": config,
               "seeds": list(per_seed), "results": {str(s): r for s, r in per_seed.items()}, "mean": mean,
-              "std": std, "hardware": hardware(device), "seconds": round(time.time() - t0, 1), "details": details}
+              "std": std, "units": units, "hardware": hardware(device), "seconds": round(time.time() - t0, 1),
+              "details": details}
     out = Path(args.out_dir)
     write_json(out / "results.json", result)
     text = "\n\n".join(tables)
     with model.atomic_file(out / "results.md", "w") as f:
         f.write(text + "\n")
-    print(f"\n{text}\n\n[{script}] wrote {out / 'results.json'} and results.md; {result['seconds']:.0f} s")
+    if units and units["pending"]:
+        print(f"[{script}] {len(units['done'])} of {len(units['done']) + len(units['pending'])} units finished; "
+              f"wrote {out / 'results.json'} and results.md")
+    else:
+        print(f"\n{text}\n\n[{script}] wrote {out / 'results.json'} and results.md; {result['seconds']:.0f} s")
     return result
+
+
+# -------------------- The run folder: checks, lock, finished units, resume -----------------------
+class RunFolder:
+    """--out_dir of one command, which a killed run can resume. Before any training it is checked (creatable,
+    writable, room for `need` bytes) and locked (OUT_DIR/.lock, one run at a time); leftovers of a killed
+    save (hidden .NAME.* temp files and folders, .NAME.old) are removed, since no other run can own them.
+
+    A run is a list of *units* (a script's trained models, e.g. distill's "seed1-teacher"). A unit that
+    trains a model publishes it first (model.save_pretrained: temp folder, then rename), then its record
+    OUT_DIR/units/<unit>.json (scores, log, what later units need; tensors beside it in <unit>.safetensors),
+    and only then counts as finished; results.json and results.md are rewritten after every finished unit.
+    Rerunning the same command skips finished units (each is seeded from its seed at its start, so it does
+    not depend on the units before it) and reproduces an uninterrupted run's numbers. OUT_DIR/units/run.json
+    keeps the results-affecting flags: a different command refuses to add to the folder (another --out_dir,
+    or --restart to discard the finished units). Not part of the fingerprint: where output goes and how it
+    is logged (--out_dir, --log_every, --no_save), and the unit selectors (--seeds, and the script's own:
+    `selectors`), so a rerun with another seed adds to the same folder.
+
+    Saved models: each script keeps its policy (its docstring says which): distill and continual keep per
+    method the English-dev-best unit over seeds (a finished unit's dev score is in its record, so a resumed
+    run compares with the same ones), mblm and transfer the first seed's, align aligned/ and each fine-tune.
+    """
+    active = None                                    # the run of this process, for cli's Ctrl-C line
+    NOT_RESULTS = {"out_dir", "log_every", "no_save", "seeds", "restart"}
+
+    def __init__(self, args, script, selectors=(), rank=0):
+        self.dir, self.script, self.rank, self.plan = Path(args.out_dir), script, rank, []
+        self.units, self.lock = self.dir / "units", None
+        if RunFolder.active:                         # one command per process: an earlier main() (tests) is over
+            RunFolder.active.close()
+        RunFolder.active = self
+        if rank == 0:
+            if self.dir.exists() and not self.dir.is_dir():
+                raise XltError(f"--out_dir {self.dir} is a file, not a folder")
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self.lock = open(self.dir / ".lock", "a+")
+            except OSError as e:
+                raise XltError(f"--out_dir {self.dir}: cannot write there ({e.strerror})") from None
+            try:
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.lock.seek(0)
+                holder, self.lock = self.lock.read().strip() or "?", self.lock.close()
+                raise XltError(f"--out_dir {self.dir} is in use by another run (pid {holder}); wait for it, "
+                               f"or give this run another --out_dir") from None
+            self.lock.truncate(0)
+            self.lock.write(f"{os.getpid()}\n")
+            self.lock.flush()
+            self._clean()
+            config = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+                      if k not in self.NOT_RESULTS | set(selectors) | {"argv"}}
+            self._fingerprint({"script": script, "config": config}, getattr(args, "restart", False))
+
+    def _clean(self):
+        """Remove what a killed save left: .NAME.XXXXXXXX[.tmp] (atomic_file, save_pretrained) and .NAME.old."""
+        for root, dirs, files in os.walk(self.dir):
+            for name in dirs + files:
+                if re.fullmatch(r"\..+\.([a-z0-9_]{8}(\.tmp)?|old)", name):
+                    path = Path(root) / name
+                    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                    if name in dirs:
+                        dirs.remove(name)
+
+    def _fingerprint(self, mine, restart):
+        path = self.units / "run.json"
+        if restart and self.units.exists():
+            shutil.rmtree(self.units)
+            for name in ("results.json", "results.md"):
+                (self.dir / name).unlink(missing_ok=True)
+        theirs = json.loads(path.read_text()) if path.is_file() else None
+        if theirs == mine:
+            return
+        if theirs and any(p.name != "run.json" for p in self.units.glob("*.json")):     # finished units
+            a, b = theirs.get("config", {}), mine["config"]
+            diff = ([f"script {theirs.get('script')} there, {mine['script']} here"] if
+                    theirs.get("script") != mine["script"] else [])
+            diff += [f"--{k} {a.get(k)} there, {b.get(k)} here" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+            raise XltError(f"--out_dir {self.dir} holds units of another command ({'; '.join(diff)}): use "
+                           f"another --out_dir, or add --restart to discard them")
+        shutil.rmtree(self.units, ignore_errors=True)      # a command that finished no unit left nothing to keep
+        write_json(path, mine)
+
+    def need(self, *encoders):
+        """Stop before training unless the file system has room for one checkpoint of each encoder given (one
+        per model the run saves; a rough lower bound of what it writes)."""
+        nbytes = sum(p.numel() * p.element_size() for enc in encoders for p in enc.state_dict().values())
+        if self.rank == 0:
+            st = os.statvfs(self.dir)
+            if st.f_bavail * st.f_frsize < nbytes:
+                raise XltError(f"--out_dir {self.dir}: {st.f_bavail * st.f_frsize / 1e6:.0f} MB free, but this run "
+                               f"saves at least {nbytes / 1e6:.0f} MB of models (free space, or --no_save)")
+
+    def done(self, unit):
+        """The record of a finished unit (its tensors under 'tensors'), else None. The unit joins the plan."""
+        if unit not in self.plan:
+            self.plan.append(unit)
+        path = self.units / f"{unit}.json"
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if (self.units / f"{unit}.safetensors").is_file():
+            record["tensors"] = model.read_safetensors(self.units / f"{unit}.safetensors")
+        print(f"[{self.script}] {unit}: finished in an earlier run, skipped ({path})")
+        return record
+
+    def finish(self, unit, record, tensors=None):
+        """Publish a unit's record (after its model): from now on it counts as finished. Returns record."""
+        if unit not in self.plan:
+            self.plan.append(unit)
+        if self.rank == 0:
+            if tensors:
+                model.write_safetensors(tensors, self.units / f"{unit}.safetensors")
+            write_json(self.units / f"{unit}.json", record)
+        return {**record, "tensors": tensors} if tensors else record
+
+    def progress(self):
+        done = [u for u in self.plan if (self.units / f"{u}.json").is_file()]
+        return {"done": done, "pending": [u for u in self.plan if u not in done]}
+
+    def close(self):
+        if self.lock:
+            self.lock.close()                        # closing releases the lock
+            self.lock = None
 
 
 # -------------------- One command-line vocabulary for every script -------------------------------
@@ -430,6 +571,8 @@ def add_common_args(p, out_dir, epochs, batch_size, lr, langs_help, max_len=128,
                    "evenly spaced" + (" (default: all)" if eval_limit is None else ""))
     p.add_argument("--log_every", type=positive_int, default=log_every, help="steps between logged losses")
     p.add_argument("--no_save", action="store_true", help="save no model (results are still written)")
+    p.add_argument("--restart", action="store_true", help="discard the finished units of an earlier command in "
+                   "--out_dir (by default the same command resumes there, and a different one is refused)")
     return p
 
 
@@ -452,11 +595,26 @@ def check_max_len(max_len, encoder, name):
 
 
 def cli(main):
-    """Run a script's main: bad input (XltError) ends in one line on stderr and exit status 1."""
+    """Run a script's main: bad input (XltError) and a full or read-only disk end in one line on stderr and exit
+    status 1; Ctrl-C in one line saying what was kept and how to resume, exit status 130."""
     try:
         main()
     except XltError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):      # a full or read-only disk mid-run
+            raise
+        sys.exit(f"error: cannot write {e.filename or 'the output'} ({e.strerror}); {kept()}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {kept()}", file=sys.stderr)
+        sys.exit(130)
+
+
+def kept():
+    """What an ended run leaves: its finished units, which the same command resumes from."""
+    run = RunFolder.active
+    return (f"{len(run.progress()['done'])} finished units kept in {run.dir}; the same command resumes"
+            if run else "nothing was written")
 
 
 # -------------------- Languages and prefixes -----------------------------------------------------

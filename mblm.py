@@ -272,7 +272,7 @@ def train(m, train_sets, dev_sets, args, device, pad_id, seed, alpha=0.0, zs_wei
     schedule = [language_batches(train_sets, args.batch_size, seed, e) for e in range(epochs)]
     total = sum(len(batches) for batches in schedule)
     warmup, step, best = math.ceil(args.warmup * total), 0, None
-    losses, log = model.LossLog(args.log_every, total), {"dev": [], "loss": []}
+    losses, log = model.LossLog(args.log_every, total, desc, opt), {"dev": [], "loss": []}
     for epoch, batches in enumerate(schedule):
         for lang, idx in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False):
             model.set_lr(opt, model.lr_schedule(step, total, warmup))
@@ -291,6 +291,7 @@ def train(m, train_sets, dev_sets, args, device, pad_id, seed, alpha=0.0, zs_wei
         tqdm.write(f"[{desc}] epoch {epoch + 1}/{epochs}: dev " + ", ".join(f"{k} {v:.1f}" for k, v in dev.items()))
         if best is None or mean > best[0]:
             best = (mean, epoch + 1, model.trainable_state(m))
+    losses.finish()
     model.restore(best[2])
     log["best_epoch"] = best[1]
     return log
@@ -383,51 +384,72 @@ def main(argv=None):
     if missing := [x for x in supervised if x not in langs]:
         raise XltError(f"--langs must include the supervised languages (of --teachers); missing {', '.join(missing)}")
     zero_shot = [x for x in langs if x not in supervised]
+    run = evaluate.RunFolder(args, "mblm.py", selectors=("variants",))    # checked and locked before training
     # Every checkpoint is loaded (and checked) once, before any training; its cached examples serve all seeds.
     ckpt = {n: Checkpoint(n, args, data_dir, device) for n in dict.fromkeys([*teachers.values(), args.student])}
     student, saved = ckpt[args.student], "mblm" if "mblm" in args.variants else args.variants[-1]
+    if not args.no_save:
+        run.need(*[student.encoder] * len(supervised))               # one classifier per branch
     per_seed, details = {}, {"supervised": supervised, "zero_shot": zero_shot, "seeds": {}}
+    run.plan = [f"seed{seed}-{u}" for seed in args.seeds for u in [f"teacher-{x}" for x in supervised] + args.variants]
+    result = None
+
+    def publish(seed, name, row, log):              # results.json and .md after every finished unit
+        nonlocal result
+        rows, logs = per_seed.setdefault(seed, {}), details["seeds"].setdefault(str(seed), {})
+        if name in teachers:
+            rows.setdefault("teachers", {})[name], logs.setdefault("teachers", {})[name] = row, log
+            if len(rows["teachers"]) == len(supervised):
+                rows["teachers"]["supervised avg"] = sum(rows["teachers"].values()) / len(supervised)
+        else:
+            rows[name], logs[name] = row, log
+        mean, std = evaluate.mean_std(per_seed)
+        label = {"teachers": "teachers (each on its own language)", **{n: v[0] for n, v in VARIANTS.items()}}
+        cols = supervised + ["supervised avg", "zero-shot avg"]
+        summary = evaluate.markdown_table({label[n]: {c: r.get(c) for c in cols} for n, r in mean.items()},
+                                          std={label[n]: s for n, s in std.items()}, averages=False)
+        per_lang = evaluate.markdown_table({label[n]: {x: mean[n][x] for x in langs} for n in args.variants
+                                            if n in mean}, std={label[n]: std[n] for n in args.variants if n in std})
+        tables = ["SIB-200 test accuracy (supervised languages through their branch, the others zero-shot):\n\n"
+                  + summary, "Per language (zero-shot languages through the uniform mixture of the branches):\n\n"
+                  + per_lang]
+        result = evaluate.write_results(args, "mblm.py", PAPER, per_seed, tables, details, device, t0, run)
+
     for seed in args.seeds:
-        # 1. Teachers: soft targets on their language's train split, computed once.
-        rows, logs, soft = {"teachers": {}}, {"teachers": {}}, {}
+        # 1. Teachers: soft targets on their language's train split, computed once and kept with the unit.
+        soft = {}
         for lang, name in teachers.items():
-            model.set_seed(seed)
-            soft[lang], logs["teachers"][lang] = make_teacher(lang, ckpt[name], args, seed, device)
-            rows["teachers"][lang] = logs["teachers"][lang]["test_accuracy"]
-        rows["teachers"]["supervised avg"] = sum(rows["teachers"].values()) / len(supervised)
+            if (record := run.done(f"seed{seed}-teacher-{lang}")) is None:
+                model.set_seed(seed)
+                logits, info = make_teacher(lang, ckpt[name], args, seed, device)
+                record = run.finish(f"seed{seed}-teacher-{lang}", {"log": info}, {"logits": logits})
+            soft[lang] = record["tensors"]["logits"].to(device)
+            publish(seed, lang, record["log"]["test_accuracy"], record["log"])
         # 2. The variants: the same student checkpoint, data and soft targets; one set of branches, or none.
         train_sets = {lang: [dict(e, teacher_logits=t) for e, t in zip(student.examples(lang, "train"), soft[lang])]
                       for lang in supervised}
         dev_sets = {lang: student.examples(lang, "dev") for lang in supervised}
         test_sets = {lang: student.examples(lang, "test") for lang in langs}
         for name in args.variants:
-            (_, branches, distil, zs), tv = VARIANTS[name], time.time()
-            model.set_seed(seed)
-            m = student.fresh(supervised if branches else None)
-            logs[name] = train(m, train_sets, dev_sets, args, device, student.pad_id, seed,
-                               alpha=args.alpha if distil else 0.0, zs_weight=args.zs_weight if zs else 0.0, desc=name)
-            scores = accuracies(m, test_sets, student.pad_id, device)
-            rows[name] = {**scores, "supervised avg": sum(scores[x] for x in supervised) / len(supervised),
-                          "zero-shot avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None}
-            logs[name]["seconds"] = round(time.time() - tv, 1)
-            print(f"[mblm] seed {seed}, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in rows[name].items()
-                                                              if "avg" in k and v is not None))
-            if not args.no_save and seed == args.seeds[0] and name == saved:
-                save_mblm(m.cpu(), Path(args.out_dir) / name, student.tok,
-                          extra={"variant": name, "seed": seed, "xlt_prefix": student.prefix})
-            del m                                   # before the next variant's copy: one student in memory
-        per_seed[seed], details["seeds"][str(seed)] = rows, logs
-
-    mean, std = evaluate.mean_std(per_seed)
-    label = {"teachers": "teachers (each on its own language)", **{n: v[0] for n, v in VARIANTS.items()}}
-    cols = supervised + ["supervised avg", "zero-shot avg"]
-    summary = evaluate.markdown_table({label[n]: {c: r.get(c) for c in cols} for n, r in mean.items()},
-                                      std={label[n]: s for n, s in std.items()}, averages=False)
-    per_lang = evaluate.markdown_table({label[n]: {x: mean[n][x] for x in langs} for n in args.variants},
-                                       std={label[n]: std[n] for n in args.variants})
-    tables = ["SIB-200 test accuracy (supervised languages through their branch, the others zero-shot):\n\n" + summary,
-              "Per language (zero-shot languages through the uniform mixture of the branches):\n\n" + per_lang]
-    return evaluate.write_results(args, "mblm.py", PAPER, per_seed, tables, details, device, t0)
+            if (record := run.done(f"seed{seed}-{name}")) is None:
+                (_, branches, distil, zs), tv = VARIANTS[name], time.time()
+                model.set_seed(seed)
+                m = student.fresh(supervised if branches else None)
+                log = train(m, train_sets, dev_sets, args, device, student.pad_id, seed, alpha=args.alpha if distil
+                            else 0.0, zs_weight=args.zs_weight if zs else 0.0, desc=name)
+                scores = accuracies(m, test_sets, student.pad_id, device)
+                row = {**scores, "supervised avg": sum(scores[x] for x in supervised) / len(supervised),
+                       "zero-shot avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None}
+                log["seconds"] = round(time.time() - tv, 1)
+                print(f"[mblm] seed {seed}, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                                  if "avg" in k and v is not None))
+                if not args.no_save and seed == args.seeds[0] and name == saved:
+                    save_mblm(m.cpu(), Path(args.out_dir) / name, student.tok,
+                              extra={"variant": name, "seed": seed, "xlt_prefix": student.prefix})
+                del m                                   # before the next variant's copy: one student in memory
+                record = run.finish(f"seed{seed}-{name}", {"row": row, "log": log})
+            publish(seed, name, record["row"], record["log"])
+    return result
 
 
 def parse_args(argv):

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import struct
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -770,11 +771,12 @@ def save_pretrained(encoder, out_dir, tokenizer=None, head=None, extra=None):
             cfg["xlt_head"] = head.describe()
             write_safetensors(head.state_dict(), tmp / "xlt_head.safetensors")
         cfg.update(extra or {})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, allow_nan=False))
         write_safetensors(xlt_to_hf(encoder.state_dict(), encoder.config), tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
         old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)      # left by a killed save: it would block the rename below
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -887,17 +889,30 @@ def optimizer_step(opt, clip=1.0):
 
 class LossLog:
     """Running means of losses kept on the device, so that a step never waits: add() returns None, or every
-    `every` steps (and at step `total`) the window's means as floats, the one host sync."""
+    `every` steps (and at step `total`) the window's means as floats, the one host sync. There it also stops
+    the run (XltError) if a mean is not finite: a diverged model must not be saved or scored. `what` names
+    the loop, `opt` gives the learning rate for that message; finish() checks a window the loop left open."""
 
-    def __init__(self, every, total):
+    def __init__(self, every, total, what="training", opt=None):
         self.every, self.total, self.step, self.n, self.sums = every, total, 0, 0, 0
+        self.what, self.opt = what, opt
 
     def add(self, *losses):
         self.sums = self.sums + torch.stack([torch.as_tensor(x).detach().float() for x in losses])
         self.step, self.n = self.step + 1, self.n + 1
         if self.n < self.every and self.step != self.total:
             return None
+        return self.finish()
+
+    def finish(self):
+        """The open window's means (None if there is none), checked."""
+        if not self.n:
+            return None
         means, self.sums, self.n = (self.sums / self.n).tolist(), 0, 0
+        if not all(math.isfinite(m) for m in means):
+            lr = f", peak lr {self.opt.param_groups[0]['peak_lr']:g}" if self.opt else ""
+            raise XltError(f"{Path(sys.argv[0]).name} {self.what}: the loss is {means[0]} by step {self.step}/"
+                           f"{self.total}{lr}; stopped, nothing of it saved (try a lower learning rate)")
         return means
 
 
@@ -949,6 +964,9 @@ def fit_mlm_head(enc, batches, steps, lr, device, vocab=None, batch_tokens=64, g
             sums += torch.stack([loss.detach(), (logits.argmax(-1) == targets[draws[step]]).sum().float()])
     enc.requires_grad_(False)
     loss, correct = sums.tolist()
+    if not math.isfinite(loss):                   # the one host sync: a diverged head must not be used
+        raise XltError(f"{Path(sys.argv[0]).name} MLM head fit: the loss is {loss / tail} over its last {tail} "
+                       f"of {steps} steps, lr {lr:g}; stopped (try a lower learning rate)")
     return {"steps": steps, "targets": len(targets), "loss": loss / tail,
             "accuracy": 100 * correct / (tail * batch_tokens)}
 

@@ -305,7 +305,7 @@ def train_mlm(enc, streams, steps, lr, args, device, desc):
     its vocabulary swapped in, sums the losses (Stage B: English + foreign, as ramen.py adds their gradients)
     and takes one AdamW step on whatever requires grad. Returns the mean loss per stream of each log window."""
     opt = model.configure_optimizer([enc] + [v for v, _ in streams], lr, args.weight_decay)
-    log, losses = model.LossLog(args.log_every, steps), []
+    log, losses = model.LossLog(args.log_every, steps, desc, opt), []
     enc.train()
     for step in tqdm(range(steps), desc=desc, leave=False):
         model.set_lr(opt, model.lr_schedule(step, steps, int(args.warmup * steps)))
@@ -319,6 +319,7 @@ def train_mlm(enc, streams, steps, lr, args, device, desc):
         if (mean := log.add(loss)) is not None:
             losses.append(mean[0] / len(streams))             # per stream: comparable across stages
             tqdm.write(f"[{desc}] step {step + 1}/{steps}  MLM loss {losses[-1]:.3f}")
+    log.finish()
     return losses
 
 
@@ -376,59 +377,113 @@ def transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args, device, se
 
 def main(argv=None):
     args, langs = parse_args(argv)
+    run = evaluate.RunFolder(args, "transfer.py")                  # checked and locked before anything else
     t0, device, eng_tok = time.time(), model.pick_device(args.device), data.load_tokenizer(args.model)
     prefix = evaluate.resolve_prefix(args.prefix, args.model)                      # the English model's input prefix
     test = dict(data_dir=args.data_dir, device=device, max_len=args.max_len, limit=args.eval_limit)  # SIB-200 test sets
     task = (data.subset(data.read_sib200(args.data_dir, "eng_Latn", "train"), args.limit),  # English SIB-200
             data.subset(data.read_sib200(args.data_dir, "eng_Latn", "dev"), args.eval_limit))
-    per_seed, details = {seed: {} for seed in args.seeds}, {"corpora": {}, "alignment": {}, "runs": {}}
+    inits = (("ramen", "RAMEN init"), ("random", "random init"))
+    baselines = [("English model, no transfer", args.model, "english"),
+                 (f"{args.reference} (reference)", args.reference, "reference")]
+    # The units: per target language and seed each initialisation (its stages, fine-tune and scores), then per
+    # seed each baseline row. Every table cell and detail is rebuilt from the finished units' records.
+    run.plan = [f"{lang}-seed{seed}-{init}" for lang in langs for seed in args.seeds for init, _ in inits] + [
+        f"seed{seed}-{slug}" for seed in args.seeds for *_, slug in baselines]
+    records, result = {}, None
+
+    def publish(unit, record):                      # results.json and .md after every finished unit
+        nonlocal result
+        records[unit] = record
+        per_seed, details = {}, {"corpora": {}, "alignment": {}, "runs": {}}
+        for seed in args.seeds:
+            for init, row in inits:                 # eng_Latn: the mean over the target languages done so far
+                done = [records[u] for lang in langs if (u := f"{lang}-seed{seed}-{init}") in records]
+                if done:
+                    cell = per_seed.setdefault(seed, {})[row] = {"eng_Latn": 0.0}
+                    for r in done:
+                        cell["eng_Latn"], cell[r["lang"]] = cell["eng_Latn"] + r["eng"] / len(done), r["score"]
+                        details["corpora"][r["lang"]], details["alignment"][r["lang"]] = r["corpora"], r["alignment"]
+                        details["runs"].setdefault(f"{r['lang']}, seed {seed}", {}).update(r["run"])
+        for seed in args.seeds:
+            for row, _, slug in baselines:
+                if (r := records.get(f"seed{seed}-{slug}")):
+                    per_seed.setdefault(seed, {})[row], details["runs"][f"{row}, seed {seed}"] = r["scores"], r["run"]
+        per_seed = {s: {r: evaluate.with_averages(v, "eng_Latn") for r, v in rows.items()}
+                    for s, rows in per_seed.items()}
+        mean, std = evaluate.mean_std(per_seed)
+        tables = [f"SIB-200 test accuracy (%), fine-tuned on English only ({args.model}); {', '.join(langs)} "
+                  f"zero-shot; mean ± std over seeds {args.seeds}\n\n"
+                  + evaluate.markdown_table(mean, "eng_Latn", std=std, averages=False)]
+        paper = ("Tran (2020), From English To Foreign Languages: Transferring Pre-trained Language Models, "
+                 "arXiv:2002.07306")
+        result = evaluate.write_results(args, "transfer.py", paper, per_seed, tables, details, device, t0, run)
+
     for lang in langs:
+        units = {u: run.done(u) for u in [f"{lang}-seed{seed}-{init}" for seed in args.seeds for init, _ in inits]}
+        if all(units.values()):                     # nothing to train for this language: no corpora either
+            for unit, record in units.items():
+                publish(unit, record)
+            continue
         bitext, foreign, english, sources = corpora(args, lang)                            # the corpora
-        foreign_tok = train_foreign_tokenizer(foreign, args.vocab_size, eng_tok)           # a foreign vocabulary
-        probs, details["alignment"][lang] = alignment(bitext, eng_tok, foreign_tok, args)  # p(e | f)
-        details["corpora"][lang] = dict(sources=sources, bitext_pairs=len(bitext), foreign_sentences=len(foreign),
-                                        english_sentences=len(english), foreign_vocab_size=foreign_tok.get_vocab_size())
+        kept = run.units / f"{lang}.tokenizer"            # the trainer breaks ties in hash order, per process:
+        if kept.is_file():                                   # a resumed run must have the same vocabulary
+            foreign_tok = Tokenizer.from_file(str(kept))
+        else:
+            foreign_tok = train_foreign_tokenizer(foreign, args.vocab_size, eng_tok)       # a foreign vocabulary
+            with model.atomic_file(kept, "w") as f:
+                f.write(foreign_tok.to_str())
+        probs, alignment_info = alignment(bitext, eng_tok, foreign_tok, args)             # p(e | f)
+        corpora_info = dict(sources=sources, bitext_pairs=len(bitext), foreign_sentences=len(foreign),
+                            english_sentences=len(english), foreign_vocab_size=foreign_tok.get_vocab_size())
         mono_f, mono_e = data.encode(foreign_tok, foreign, args.max_len), data.encode(eng_tok, english, args.max_len)
         for seed in args.seeds:
-            base, run = english_model(args, mono_e, eng_tok, seed, device)                # Stage 0 (ours)
-            for init, row in (("ramen", "RAMEN init"), ("random", "random init")):
-                t, save = time.time(), not args.no_save and seed == args.seeds[0] and init == "ramen"
-                enc, vocab_e, vocab_f, run[init] = transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args,
-                                                            device, seed, init, save and f"{args.out_dir}/{lang}")
-                use_vocab(enc, vocab_e)                                                    # English fine-tune
-                enc.embed.word.requires_grad_(False)                   # E_f was fitted to the E_e the encoder saw
-                enc.mlm.requires_grad_(False)
-                head, log = evaluate.finetune(enc, eng_tok, *task, args, device, seed, prefix, desc=f"{init} {lang}")
-                eng = evaluate.sib200_scores(enc, head, eng_tok, langs=["eng_Latn"], prefix=prefix, **test)["eng_Latn"]
-                use_vocab(enc, vocab_f)                                                    # the swap: zero-shot
-                cell = per_seed[seed].setdefault(row, {"eng_Latn": 0.0})           # eng_Latn: the mean over langs
-                cell["eng_Latn"], cell[lang] = cell["eng_Latn"] + eng / len(langs), evaluate.sib200_scores(
-                    enc, head, foreign_tok, langs=[lang], prefix=prefix, **test)[lang]
-                run[f"{init} fine-tune"] = {**log, "eng_Latn": eng, "seconds": round(time.time() - t, 1)}
-                if save:                                                   # the classifier needs no MLM head
-                    enc.mlm = None
-                    model.save_pretrained(enc, f"{args.out_dir}/{lang}-classifier", foreign_tok, head, {
-                        "xlt_prefix": prefix, "xlt_transfer": {"english_model": args.model, "lang": lang}})
-            details["runs"][f"{lang}, seed {seed}"] = run
-    baselines = [("English model, no transfer", args.model), (f"{args.reference} (reference)", args.reference)]
+            if all(units[f"{lang}-seed{seed}-{init}"] for init, _ in inits):
+                for init, _ in inits:
+                    publish(f"{lang}-seed{seed}-{init}", units[f"{lang}-seed{seed}-{init}"])
+                continue
+            base, stage_0 = english_model(args, mono_e, eng_tok, seed, device)            # Stage 0 (ours)
+            if not args.no_save and seed == args.seeds[0]:
+                run.need(base, base)
+            for init, row in inits:
+                unit = f"{lang}-seed{seed}-{init}"
+                if units[unit] is None:
+                    t, save = time.time(), not args.no_save and seed == args.seeds[0] and init == "ramen"
+                    enc, vocab_e, vocab_f, losses = transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args,
+                                                             device, seed, init, save and f"{args.out_dir}/{lang}")
+                    use_vocab(enc, vocab_e)                                                # English fine-tune
+                    enc.embed.word.requires_grad_(False)               # E_f was fitted to the E_e the encoder saw
+                    enc.mlm.requires_grad_(False)
+                    head, log = evaluate.finetune(enc, eng_tok, *task, args, device, seed, prefix,
+                                                  desc=f"{init} {lang}")
+                    eng = evaluate.sib200_scores(enc, head, eng_tok, langs=["eng_Latn"], prefix=prefix,
+                                                 **test)["eng_Latn"]
+                    use_vocab(enc, vocab_f)                                                # the swap: zero-shot
+                    score = evaluate.sib200_scores(enc, head, foreign_tok, langs=[lang], prefix=prefix, **test)[lang]
+                    if save:                                               # the classifier needs no MLM head
+                        enc.mlm = None
+                        model.save_pretrained(enc, f"{args.out_dir}/{lang}-classifier", foreign_tok, head, {
+                            "xlt_prefix": prefix, "xlt_transfer": {"english_model": args.model, "lang": lang}})
+                    units[unit] = run.finish(unit, {
+                        "lang": lang, "eng": eng, "score": score, "corpora": corpora_info, "alignment": alignment_info,
+                        "run": {**stage_0, init: losses, f"{init} fine-tune": {**log, "eng_Latn": eng,
+                                                                               "seconds": round(time.time() - t, 1)}}})
+                publish(unit, units[unit])
     for seed in args.seeds:                        # the rows without a new vocabulary, all languages at once
-        for row, ckpt in baselines:
-            t, enc = time.time(), model.Encoder.from_pretrained(ckpt, dropout=args.dropout).to(device)
-            evaluate.check_max_len(args.max_len, enc, ckpt)
-            if args.compile:
-                model.compile_blocks(enc)
-            tok, pre = data.load_tokenizer(ckpt), evaluate.resolve_prefix(args.prefix, ckpt)
-            enc.embed.word.weight.requires_grad_(args.train_embeddings)       # (never for the RAMEN rows)
-            head, log = evaluate.finetune(enc, tok, *task, args, device, seed, pre, desc=row)
-            per_seed[seed][row] = evaluate.sib200_scores(enc, head, tok, langs=["eng_Latn", *langs], prefix=pre, **test)
-            details["runs"][f"{row}, seed {seed}"] = {**log, "prefix": pre, "seconds": round(time.time() - t, 1)}
-    per_seed = {s: {r: evaluate.with_averages(v, "eng_Latn") for r, v in rows.items()} for s, rows in per_seed.items()}
-    mean, std = evaluate.mean_std(per_seed)
-    tables = [f"SIB-200 test accuracy (%), fine-tuned on English only ({args.model}); {', '.join(langs)} zero-shot; "
-              f"mean ± std over seeds {args.seeds}\n\n"
-              + evaluate.markdown_table(mean, "eng_Latn", std=std, averages=False)]
-    paper = "Tran (2020), From English To Foreign Languages: Transferring Pre-trained Language Models, arXiv:2002.07306"
-    return evaluate.write_results(args, "transfer.py", paper, per_seed, tables, details, device, t0)
+        for row, ckpt, slug in baselines:
+            if (record := run.done(f"seed{seed}-{slug}")) is None:
+                t, enc = time.time(), model.Encoder.from_pretrained(ckpt, dropout=args.dropout).to(device)
+                evaluate.check_max_len(args.max_len, enc, ckpt)
+                if args.compile:
+                    model.compile_blocks(enc)
+                tok, pre = data.load_tokenizer(ckpt), evaluate.resolve_prefix(args.prefix, ckpt)
+                enc.embed.word.weight.requires_grad_(args.train_embeddings)       # (never for the RAMEN rows)
+                head, log = evaluate.finetune(enc, tok, *task, args, device, seed, pre, desc=row)
+                scores = evaluate.sib200_scores(enc, head, tok, langs=["eng_Latn", *langs], prefix=pre, **test)
+                record = run.finish(f"seed{seed}-{slug}", {"scores": scores, "run": {
+                    **log, "prefix": pre, "seconds": round(time.time() - t, 1)}})
+            publish(f"seed{seed}-{slug}", record)
+    return result
 
 
 def parse_args(argv):

@@ -272,7 +272,8 @@ def test_bad_languages(data_dir):
 
 # ---------------------------------------------------------------------------------------------------- end to end
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
+          "details"}
 
 
 def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path, device):

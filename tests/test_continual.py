@@ -321,7 +321,7 @@ def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
             "--batch_size", "8", "--max_len", "32", "--freeze_layers", "1", "--seeds", "0", "--device", device]
     res = continual.main(argv)
     saved = json.loads((out / "results.json").read_text())
-    assert {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds",
+    assert {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
             "details"} <= set(saved)
     assert saved["script"] == "continual.py" and saved["seeds"] == [0]
     assert saved["config"]["method"] == "all" and saved["seconds"] > 0
@@ -348,7 +348,7 @@ def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
     enc, head, cfg = model.load_with_head(out / "agem")
     assert cfg["xlt_continual"]["method"] == "agem" and head.num_labels == len(data.UPOS_TAGS)
     assert res["results"]["0"]["agem"]["dev"] == runs["agem"]["dev"]
-    continual.main(["--method", "agem"] + argv[2:] + ["--no_save"])   # the fitted head comes from the cache
+    continual.main(["--method", "agem"] + argv[2:] + ["--no_save", "--restart"])   # the head comes from the cache
     again = json.loads((out / "results.json").read_text())
     assert again["details"]["mlm_head"]["0"]["loaded"] is True and list(again["results"]["0"]) == ["before", "agem"]
 

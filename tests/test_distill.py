@@ -256,7 +256,8 @@ def test_pair_task_labels_out_of_range(tmp_path):
 # end to end, on tiny random checkpoints (teacher width 32, student width 48)
 # ----------------------------------------------------------------------------------------------------
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware", "seconds", "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
+          "details"}
 
 
 def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
@@ -328,4 +329,4 @@ def test_several_seeds_without_a_zero_shot_language(tiny_checkpoint, tmp_path):
     assert {m["zero-shot avg"] for m in result["mean"].values()} == {None}
     assert {s["zero-shot avg"] for s in result["std"].values()} == {None}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["mean"]["teacher"]["zero-shot avg"] is None
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "results.json", "results.md", "units"]

@@ -295,7 +295,7 @@ def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
                    "--batch_size", "4", "--out_dir", str(out), "--mixture", "random", "--seeds", "0", "1",
                    "--device", device])
     assert r == json.loads((out / "results.json").read_text())
-    assert set(r) == {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware",
+    assert set(r) == {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware",
                       "seconds", "details"}
     assert r["script"] == "mblm.py" and r["seeds"] == [0, 1] and r["seconds"] > 0
     assert r["details"]["supervised"] == ["eng_Latn", "fra_Latn"]

@@ -40,7 +40,7 @@ def test_smoke_run(argv, tiny_checkpoint, data_dir, tmp_path, device):
                                                                        str(out), "--device", device])
     saved = json.loads((out / "results.json").read_text())
     assert saved["script"] == argv[1] and saved["results"] and result["mean"] == saved["mean"]
-    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]     # --no_save saves no model
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json", "results.md", "units"]   # no model
 
 
 def test_quick_start_snippet_runs_as_written():

@@ -1,6 +1,7 @@
 """The machinery the five scripts share: training utilities (model.py), subsets, language codes and
 masked-LM batches (data.py), the fine-tune protocol, per-layer tables, results schema and flags (evaluate.py)."""
 import argparse
+import errno
 import json
 import time
 
@@ -46,6 +47,19 @@ def test_loss_log_syncs_every_n_steps_and_at_the_end():
     assert out[0] is None and out[2] is None
     assert out[1] == pytest.approx([0.5, 5.0]) and out[3] == pytest.approx([2.5, 25.0])
     assert out[4] == pytest.approx([4.0, 40.0])              # the last step closes a window of one
+
+
+def test_loss_log_stops_on_a_non_finite_window():
+    opt = model.configure_optimizer([torch.nn.Linear(2, 2)], 1e5, 0.0)
+    log = model.LossLog(every=3, total=10, what="teacher", opt=opt)
+    assert log.add(torch.tensor(1.0)) is None and log.add(torch.tensor(float("nan"))) is None   # no sync yet
+    with pytest.raises(model.XltError, match=r"teacher: the loss is nan by step 3/10, peak lr 100000;"):
+        log.add(torch.tensor(1.0))
+    log = model.LossLog(every=3, total=10, what="stage A")
+    log.add(torch.tensor(float("inf")))
+    with pytest.raises(model.XltError, match="stage A: the loss is inf by step 1/10"):   # a window left open
+        log.finish()
+    assert log.finish() is None
 
 
 def test_trainable_state_restores_only_trainable_tensors():
@@ -176,11 +190,19 @@ def test_write_results_schema(tmp_path):
     per_seed = {1: {"m": {"deu": 1.0}}, 2: {"m": {"deu": 3.0}}}
     ev.write_results(args, "x.py", "A. Author (2020)", per_seed, ["| t |"], {"log": [1]}, torch.device("cpu"), time.time())
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert list(res) == ["script", "paper", "command", "config", "seeds", "results", "mean", "std", "hardware",
-                         "seconds", "details"]
+    assert list(res) == ["script", "paper", "command", "config", "seeds", "results", "mean", "std", "units",
+                         "hardware", "seconds", "details"]
     assert res["command"] == f"python x.py --out_dir {tmp_path / 'o'} --seeds 1 2" and "argv" not in res["config"]
     assert res["seeds"] == [1, 2] and res["results"]["2"] == {"m": {"deu": 3.0}} and res["mean"] == {"m": {"deu": 2.0}}
     assert (tmp_path / "o" / "results.md").read_text() == "| t |\n"
+    with pytest.raises(ValueError):                       # strict JSON: a NaN reaching a writer is a bug
+        ev.write_json(tmp_path / "o" / "results.json", {"m": float("nan")})
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["seeds"] == [1, 2]    # the file is intact
+
+
+def test_mean_std_of_a_partial_run_leaves_out_missing_methods():
+    mean, std = ev.mean_std({1: {"a": {"x": 1.0}, "b": {"x": 5.0}}, 2: {"a": {"x": 3.0}}})
+    assert mean == {"a": {"x": 2.0}, "b": {"x": 5.0}} and std["b"] == {"x": None}
 
 
 @pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch_size", "-1"), ("--lr", "-1e-3"),
@@ -191,3 +213,28 @@ def test_common_flags_are_checked_by_argparse(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
         ev.parse(p, [flag, *value.split()])
     assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_cli_makes_a_full_disk_one_line_and_keeps_other_os_errors(monkeypatch):
+    monkeypatch.setattr(ev.RunFolder, "active", None)
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "out/results.json")
+    with pytest.raises(SystemExit, match=r"^error: cannot write out/results.json \(No space left on device\); "
+                                         r"nothing was written$"):
+        ev.cli(full)
+
+    def missing():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+    with pytest.raises(FileNotFoundError):          # not an output problem: a bug keeps its traceback
+        ev.cli(missing)
+
+
+def test_save_pretrained_over_a_stale_old_folder(tiny_checkpoint, tmp_path):
+    enc = model.Encoder.from_pretrained(tiny_checkpoint(), verbose=False)
+    model.save_pretrained(enc, tmp_path / "x")
+    (tmp_path / ".x.old").mkdir()                  # left by a save killed between its two renames
+    (tmp_path / ".x.old" / "config.json").write_text("{}")
+    model.save_pretrained(enc, tmp_path / "x")     # a save over x moves x to .x.old first
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".x") or p.name == "x") == ["x"]
+    assert model.Encoder.from_pretrained(tmp_path / "x", verbose=False).config == enc.config
