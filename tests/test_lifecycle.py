@@ -12,7 +12,6 @@ import pytest
 
 import distill
 import evaluate
-from model import XltError
 
 REPO = Path(__file__).resolve().parents[1]
 
