@@ -253,7 +253,8 @@ def first_step(device, log):
     import data
     root = os.path.dirname(os.path.abspath(__file__))
     with tempfile.TemporaryDirectory(prefix="xlt-first-step-") as tmp:
-        env = dict(os.environ, XLT_CACHE=os.path.join(tmp, "cache"), PYTHONPATH=root)
+        env = dict(os.environ, XLT_CACHE=os.path.join(tmp, "cache"),
+                   PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         M.Encoder.from_pretrained("intfloat/multilingual-e5-small", verbose=False).save_pretrained(
             os.path.join(tmp, "hf"), tokenizer=data.load_tokenizer("intfloat/multilingual-e5-small"))
         times = {}
