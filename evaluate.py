@@ -561,7 +561,8 @@ def add_common_args(p, out_dir, epochs, batch_size, lr, langs_help, max_len=128,
     p.add_argument("--warmup", type=fraction, default=0.1, help="fraction of the steps with linear warmup")
     p.add_argument("--max_len", type=token_count, default=max_len, help="subword tokens per input")
     p.add_argument("--dropout", type=fraction, default=None, help="set every dropout probability (default: "
-                   "the checkpoint's own, 0.1 for the defaults); 0 makes CPU runs deterministic")
+                   "the checkpoint's own, 0.1 for the defaults); 0 makes CPU runs deterministic (on CUDA, "
+                   "atomic adds in some kernels still vary from run to run)")
     p.add_argument("--prefix", default="auto", help="text before every input: 'auto' = 'query: ' for "
                    "intfloat/*e5* models (how e5 was trained), nothing for others")
     p.add_argument("--train_embeddings", action="store_true", help="also train the word embeddings "
