@@ -35,7 +35,7 @@ mean pooling, word embeddings frozen, e5 given "query: ". The teacher is frozen 
 its logits and vectors on the training set are computed once (exact). Each seed reruns all four models.
 Distillation can only help where the teacher knows more than the student: after the baseline the run prints
 and keeps (train_log, baseline, teacher_minus_student) the teacher's English dev and test score minus the
-student's. By default it does not (a linear probe: MiniLM-L6 88.7 test, e5-small 87.7). Our construction,
+student's. By default it barely does (a linear probe: MiniLM-L6 88.7 test, e5-small 87.7). Our construction,
 not the paper's, for a second, offline setting with a stronger teacher: `--student_layers 6` keeps only
 e5's bottom 6 blocks, MiniLM-L6's depth (e5 read at its 6th layer: 83.8); the saved students say
 num_hidden_layers 6, so they load as 6-block models (transformers too).
