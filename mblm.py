@@ -24,11 +24,17 @@ first fine-tuned on its language's SIB-200 train split. The offline default Germ
 multilingual-e5-small fine-tuned on German, NOT monolingual, and the student's own starting point.
 Data: SIB-200 (7 topics); supervised = the train splits of the teachers' languages (translations of each
 other); model selection on their mean dev accuracy; reported: test accuracy on --langs.
+Teachers help only where they know more than the student: the run prints and keeps (the vanilla variant's
+log, teacher_minus_student) each teacher's test accuracy minus the vanilla student's in its language. Our
+construction, not the paper's, for a setting where the English teacher is stronger: `--student_layers 6`
+keeps only the student's bottom 6 blocks (e5-small's half, MiniLM-L6's depth); the stand-in German teacher
+keeps all of its blocks, and the saved classifiers say num_hidden_layers 6.
 
 Run (writes OUT_DIR/results.json, results.md, and the first seed's MBLM as OUT_DIR/mblm/<lang>, one
 classifier per branch that model.load_with_head loads, with OUT_DIR/mblm/mblm.json):
     XLT_DATA=../shared/data python mblm.py        # eng + deu teachers, 4 variants; 14 min on one CPU core
     python mblm.py --teachers eng_Latn=sentence-transformers/all-MiniLM-L6-v2,deu_Latn=out/transfer/deu_Latn
+    python mblm.py --student_layers 6 --out_dir out/mblm-l6    # capacity-matched student (ours)
     python mblm.py --device cuda --student xlm-roberta-base --train_layers 12 --lr 3e-5 --classifier_lr 1e-3 \\
         --epochs 5 --teachers eng_Latn=roberta-base,fra_Latn=camembert-base,deu_Latn=bert-base-german-cased
 """
@@ -312,7 +318,8 @@ class Checkpoint:
     """A checkpoint loaded once: its pristine encoder, its head if it is a saved xlt classifier (used as a
     teacher as is), tokenizer, prefix, and its SIB-200 examples with their cached frozen states."""
 
-    def __init__(self, name, args, data_dir, device):
+    def __init__(self, name, args, data_dir, device, layers=None):
+        """layers: keep only the bottom blocks (--student_layers; model.keep_layers)."""
         self.name, self.args, self.data_dir, self.device, self.sets = name, args, data_dir, device, {}
         path = model.resolve_checkpoint(name)
         if path.is_dir() and "xlt_head" in json.loads((path / "config.json").read_text()):
@@ -321,6 +328,8 @@ class Checkpoint:
                 raise XltError(f"--teachers {name}: its head is not a {len(data.SIB200_LABELS)}-way SIB-200 classifier")
         else:
             self.encoder, self.head = Encoder.from_pretrained(name, dropout=args.dropout), None
+        if layers:
+            model.keep_layers(self.encoder, layers)
         self.tok = data.load_tokenizer(name)
         self.pad_id, self.prefix = data.special_ids(self.tok)["pad"], evaluate.resolve_prefix(args.prefix, name)
         evaluate.check_max_len(args.max_len, self.encoder, name)
@@ -386,8 +395,10 @@ def main(argv=None):
     zero_shot = [x for x in langs if x not in supervised]
     run = evaluate.RunFolder(args, "mblm.py", selectors=("variants",))    # checked and locked before training
     # Every checkpoint is loaded (and checked) once, before any training; its cached examples serve all seeds.
-    ckpt = {n: Checkpoint(n, args, data_dir, device) for n in dict.fromkeys([*teachers.values(), args.student])}
-    student, saved = ckpt[args.student], "mblm" if "mblm" in args.variants else args.variants[-1]
+    ckpt = {n: Checkpoint(n, args, data_dir, device) for n in dict.fromkeys(teachers.values())}
+    student = ckpt[args.student] if args.student in ckpt and not args.student_layers else \
+        Checkpoint(args.student, args, data_dir, device, args.student_layers)   # cut down: not its stand-in teacher
+    saved = "mblm" if "mblm" in args.variants else args.variants[-1]
     if not args.no_save:
         run.need(*[student.encoder] * len(supervised))               # one classifier per branch
     per_seed, details = {}, {"supervised": supervised, "zero_shot": zero_shot, "seeds": {}}
@@ -417,13 +428,13 @@ def main(argv=None):
 
     for seed in args.seeds:
         # 1. Teachers: soft targets on their language's train split, computed once and kept with the unit.
-        soft = {}
+        soft, teacher_test = {}, {}
         for lang, name in teachers.items():
             if (record := run.done(f"seed{seed}-teacher-{lang}")) is None:
                 model.set_seed(seed)
                 logits, info = make_teacher(lang, ckpt[name], args, seed, device)
                 record = run.finish(f"seed{seed}-teacher-{lang}", {"log": info}, {"logits": logits})
-            soft[lang] = record["tensors"]["logits"].to(device)
+            soft[lang], teacher_test[lang] = record["tensors"]["logits"].to(device), record["log"]["test_accuracy"]
             publish(seed, lang, record["log"]["test_accuracy"], record["log"])
         # 2. The variants: the same student checkpoint, data and soft targets; one set of branches, or none.
         train_sets = {lang: [dict(e, teacher_logits=t) for e, t in zip(student.examples(lang, "train"), soft[lang])]
@@ -441,6 +452,10 @@ def main(argv=None):
                 row = {**scores, "supervised avg": sum(scores[x] for x in supervised) / len(supervised),
                        "zero-shot avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None}
                 log["seconds"] = round(time.time() - tv, 1)
+                if name == "vanilla":     # the premise: is each teacher stronger in its language than the student?
+                    log["teacher_minus_student"] = {x: round(teacher_test[x] - scores[x], 2) for x in supervised}
+                    print(f"[mblm] seed {seed}: teacher minus student (vanilla), test: " + ", ".join(
+                        f"{x} {v:+.1f}" for x, v in log["teacher_minus_student"].items()))
                 print(f"[mblm] seed {seed}, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                                   if "avg" in k and v is not None))
                 if not args.no_save and seed == args.seeds[0] and name == saved:
@@ -463,6 +478,8 @@ def parse_args(argv):
                    "(German: a stand-in)")
     p.add_argument("--student", type=evaluate.nonempty, default=DEFAULT_STUDENT,
                    help="the multilingual checkpoint the student starts from")
+    p.add_argument("--student_layers", type=evaluate.positive_int, default=None, help="keep only the student's "
+                   "bottom N blocks (ours: 6 = MiniLM-L6's depth, a teacher stronger in English; default: all)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
                    help=f"which of {', '.join(VARIANTS)} to train; the first seed's mblm (else the last one) is saved")
     p.add_argument("--branch_layers", type=evaluate.positive_int, default=2, help="k: blocks per language branch")

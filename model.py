@@ -20,7 +20,7 @@ import shutil
 import struct
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +220,18 @@ class Encoder(nn.Module):
 
     def save_pretrained(self, out_dir, tokenizer=None, head=None, extra=None):
         save_pretrained(self, out_dir, tokenizer=tokenizer, head=head, extra=extra)
+
+
+def keep_layers(encoder, n):
+    """Keep the bottom n blocks of the encoder, in place (--student_layers: a student of the teacher's depth,
+    e.g. e5-small's first 6 of 12 against the 6-block MiniLM-L6). Its config says n, so a saved copy loads as
+    an n-block model here and in transformers."""
+    L = encoder.config.num_hidden_layers
+    if not 1 <= n <= L:
+        raise XltError(f"--student_layers {n}: {encoder.source} has {L} blocks")
+    encoder.layers = encoder.layers[:n]
+    encoder.config = replace(encoder.config, num_hidden_layers=n)
+    return encoder
 
 
 def init_weights(m, std):

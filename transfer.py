@@ -34,10 +34,16 @@ grow-diag-final-and); corpora ~1,000x smaller (SIB-200 train+dev, Tatoeba, UD PU
 sentence); BERT's masking, AdamW, linear schedule, clipping 1.0 (ramen.py:
 Adam, inverse square root, clipping 5, batch 72, 6 x 20,000 updates); SIB-200 instead of XNLI and parsing; the rows
 "English model, no transfer" and a multilingual reference; several --langs: RAMEN's eng_Latn = the per-language mean.
+The built-in bitext holds SIB-200 train+dev, i.e. the translations of the English fine-tuning sentences:
+`--no_sib_bitext` leaves every SIB-200 sentence out (details: corpora, sib200_in_bitext), to show the result
+without them. Every MLM loss curve is kept (details: runs) with last_quarter_drop_%, how much it still fell
+over the last quarter of its steps (near 0: levelled off); `--random_stage_a_steps N` gives the random
+baseline a longer Stage A than RAMEN's when its loss has not levelled off (then the budgets differ: say so).
 Saved (first seed; not with --no_save): OUT_DIR/<lang>, the foreign model after Stage B (a teacher for
 mblm.py), and OUT_DIR/<lang>-classifier, fine-tuned on English with E_f swapped in (model.load_with_head).
 Run:  XLT_DATA=/work/shared/data python transfer.py --langs deu_Latn,swh_Latn --seeds 0 1 2
       python transfer.py --mono my.de.txt --parallel my.en-de.tsv             # English<TAB>foreign per line
+      python transfer.py --no_sib_bitext --random_stage_a_steps 600        # no SIB-200 bitext; a longer random
 """
 import copy
 import dataclasses
@@ -63,12 +69,14 @@ NUSAX_NAME = dict(ind_Latn="indonesian", ace_Latn="acehnese", bjn_Latn="banjares
 
 # -------------------- 1. Corpora: bitext and foreign text, never a scored test sentence ----------------
 
-def builtin_corpora(data_dir, lang):
+def builtin_corpora(data_dir, lang, sib200=True):
     """(bitext [(english, foreign)], extra foreign text, {source: size}) from the shared data: SIB-200
-    train+dev (joined on index_id), Tatoeba, UD PUD (joined on sent_id), NusaX."""
+    train+dev (joined on index_id; not with sib200=False), Tatoeba, UD PUD (joined on sent_id), NusaX."""
     root, code, iso = data.resolve_data_dir(data_dir), data.tatoeba_code(lang), data.pud_code(lang)
-    pairs = [p for split in ("train", "dev") for p in data.sib200_parallel(root, "eng_Latn", lang, split)]
-    mono, sources = [], {"SIB-200 train+dev (index_id)": len(pairs), f"Tatoeba {code}-eng": 0, "UD PUD (sent_id)": 0}
+    pairs = [p for split in ("train", "dev") if sib200 for p in data.sib200_parallel(root, "eng_Latn", lang, split)]
+    mono, sources = [], {f"Tatoeba {code}-eng": 0, "UD PUD (sent_id)": 0}
+    if sib200:
+        sources = {"SIB-200 train+dev (index_id)": len(pairs), **sources}
     if (root / "tatoeba" / f"tatoeba.{code}-eng.{code}").is_file():
         foreign, english = data.read_tatoeba(data_dir, code)
         pairs, sources[f"Tatoeba {code}-eng"] = pairs + list(zip(english, foreign)), len(foreign)
@@ -88,16 +96,20 @@ def builtin_corpora(data_dir, lang):
 def corpora(args, lang):
     """(bitext, foreign text, English text, sources): built in or --parallel/--mono, deduplicated, without any
     scored SIB-200 test sentence, --limit rows of the bitext and of the extra foreign text. Foreign text = the
-    bitext's foreign side + that; English text (Stages 0, B) = the bitext's English side + SIB-200 train+dev."""
+    bitext's foreign side + that; English text (Stages 0, B) = the bitext's English side + SIB-200 train+dev.
+    --no_sib_bitext: no SIB-200 sentence at all (train and dev too) in the bitext and the foreign text, so no
+    translation of an English fine-tuning sentence is seen; the English text keeps SIB-200 train+dev."""
     if args.parallel:
         bitext = data.read_parallel(args.parallel)
         mono, sources = [], {f"--parallel {args.parallel}": len(bitext)}
     else:
-        bitext, mono, sources = builtin_corpora(args.data_dir, lang)
+        bitext, mono, sources = builtin_corpora(args.data_dir, lang, sib200=not args.no_sib_bitext)
     if args.mono:
         mono = data.read_mono(args.mono)
         sources[f"--mono {args.mono}"] = len(mono)
-    scored = {r["text"].strip() for x in ("eng_Latn", lang) for r in data.read_sib200(args.data_dir, x, "test")}
+    scored = {r["text"].strip() for x in ("eng_Latn", lang)
+              for split in (("train", "dev", "test") if args.no_sib_bitext else ("test",))
+              for r in data.read_sib200(args.data_dir, x, split)}
     clean = list(dict.fromkeys((e.strip(), f.strip()) for e, f in bitext if e.strip() and f.strip()))
     kept = data.subset([(e, f) for e, f in clean if e not in scored and f not in scored], args.limit)
     extra = data.subset([s for s in map(str.strip, mono) if s and s not in scored], args.limit)
@@ -107,7 +119,7 @@ def corpora(args, lang):
     english = list(dict.fromkeys([e for e, _ in kept] + [r["text"] for split in ("train", "dev")
                                                          for r in data.read_sib200(args.data_dir, "eng_Latn", split)]))
     print(f"[transfer] {lang}: {len(kept)} pairs, {len(foreign)} foreign and {len(english)} English sentences; "
-          f"{sources}")
+          f"{sources}{'; no SIB-200 sentence in the bitext' if args.no_sib_bitext else ''}")
     return kept, foreign, english, sources
 
 
@@ -323,11 +335,21 @@ def train_mlm(enc, streams, steps, lr, args, device, desc):
     return losses
 
 
-def stage_a(enc, vocab_e, vocab_f, batches_f, args, device, desc="stage A"):
-    """Stage A (ours): foreign MLM; only E_f and b_f learn (the encoder, MLM transform and E_e are frozen)."""
+def stage_a(enc, vocab_e, vocab_f, batches_f, args, device, desc="stage A", steps=None):
+    """Stage A (ours): foreign MLM; only E_f and b_f learn (the encoder, MLM transform and E_e are frozen).
+    steps: default --stage_a_steps."""
     for m, learns in ((enc, False), (vocab_e, False), (vocab_f, True)):   # in this order: enc holds a vocab
         m.requires_grad_(learns)
-    return train_mlm(enc, [(vocab_f, batches_f)], args.stage_a_steps, args.stage_a_lr, args, device, desc)
+    return train_mlm(enc, [(vocab_f, batches_f)], steps or args.stage_a_steps, args.stage_a_lr, args, device, desc)
+
+
+def last_quarter_drop(losses):
+    """How far a logged MLM loss curve still fell over its last quarter, in % of the loss there (None for
+    fewer than 4 points): near 0 means it has levelled off, a few % or more that it has not."""
+    if len(losses) < 4:
+        return None
+    start = losses[-1 - len(losses) // 4]
+    return round(100 * (start - losses[-1]) / start, 2)
 
 
 def stage_b(enc, vocab_e, vocab_f, batches_e, batches_f, args, device, desc="stage B"):
@@ -366,8 +388,12 @@ def transfer(base, eng_tok, foreign_tok, probs, mono_f, mono_e, args, device, se
     vocab_f = Vocab.new(E_f, b_f).to(device)
     batches_f = mlm_batches(mono_f, foreign_tok, args.batch_size, seed)
     batches_e = mlm_batches(mono_e, eng_tok, args.batch_size, seed + 1)
-    losses = {"stage_a": stage_a(enc, vocab_e, vocab_f, batches_f, args, device, f"{init} stage A"),
+    steps_a = args.random_stage_a_steps if init == "random" else None      # None: --stage_a_steps
+    losses = {"stage_a": stage_a(enc, vocab_e, vocab_f, batches_f, args, device, f"{init} stage A", steps_a),
               "stage_b": stage_b(enc, vocab_e, vocab_f, batches_e, batches_f, args, device, f"{init} stage B")}
+    losses["last_quarter_drop_%"] = drop = {stage: last_quarter_drop(losses[stage]) for stage in ("stage_a", "stage_b")}
+    print(f"[transfer] {init} init: the MLM loss fell {drop} % over the last quarter of each stage "
+          "(near 0: levelled off)")
     use_vocab(enc, vocab_f)
     if save_to:
         model.save_pretrained(enc, save_to, tokenizer=foreign_tok, extra=dict(
@@ -435,7 +461,8 @@ def main(argv=None):
                 f.write(foreign_tok.to_str())
         probs, alignment_info = alignment(bitext, eng_tok, foreign_tok, args)             # p(e | f)
         corpora_info = dict(sources=sources, bitext_pairs=len(bitext), foreign_sentences=len(foreign),
-                            english_sentences=len(english), foreign_vocab_size=foreign_tok.get_vocab_size())
+                            english_sentences=len(english), foreign_vocab_size=foreign_tok.get_vocab_size(),
+                            sib200_in_bitext="SIB-200 train+dev (index_id)" in sources)
         mono_f, mono_e = data.encode(foreign_tok, foreign, args.max_len), data.encode(eng_tok, english, args.max_len)
         for seed in args.seeds:
             if all(units[f"{lang}-seed{seed}-{init}"] for init, _ in inits):
@@ -496,12 +523,16 @@ def parse_args(argv):
     add("--reference", type=path, default="intfloat/multilingual-e5-small", help="a multilingual checkpoint to compare")
     add("--mono", type=path, help="foreign text, one sentence per line (replaces the built-in extra foreign text)")
     add("--parallel", type=path, help="bitext, English<TAB>foreign per line (replaces the built-in bitext)")
+    add("--no_sib_bitext", action="store_true", help="leave SIB-200 (the translations of the English fine-tuning "
+        "sentences) out of the built-in bitext and foreign text")
     add("--vocab_size", type=evaluate.positive_int, default=8000, help="foreign WordPiece vocabulary size")
     add("--ibm_iterations", type=evaluate.positive_int, default=5, help="EM iterations of IBM Model 1")
     add("--mlm_head_steps", type=steps, default=200, help="Stage 0 steps, 64 masked tokens each (only "
         "for a checkpoint without an MLM head; 0 skips Stage 0)")
     add("--mlm_head_lr", type=lr, default=1e-3, help="Stage 0 learning rate")
     add("--stage_a_steps", type=steps, default=150, help="Stage A: foreign embeddings only")
+    add("--random_stage_a_steps", type=evaluate.positive_int, default=None, help="Stage A steps of the random "
+        "baseline alone (default: --stage_a_steps), so that its MLM loss can level off: see last_quarter_drop_%%")
     add("--stage_a_lr", type=lr, default=3e-4, help="Stage A peak learning rate")
     add("--stage_b_steps", type=steps, default=40, help="Stage B: joint English + foreign MLM")
     add("--stage_b_lr", type=lr, default=1e-4, help="Stage B peak learning rate")
@@ -511,6 +542,8 @@ def parse_args(argv):
     langs = [lang for lang in langs if lang != "eng_Latn"] if args.langs == "all" else langs
     if "eng_Latn" in langs:
         raise XltError("--langs: eng_Latn is the source language; name foreign languages (deu_Latn, ...)")
+    if args.parallel and args.no_sib_bitext:
+        raise XltError("--no_sib_bitext leaves SIB-200 out of the built-in bitext, which --parallel replaces")
     if (args.parallel or args.mono) and len(langs) > 1:
         raise XltError(f"--parallel/--mono hold one language's text, but --langs names {len(langs)} languages")
     return args, langs

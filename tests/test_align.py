@@ -230,6 +230,26 @@ def test_sib200_pairs_use_train_split_only(data_dir):
     assert all(p["a"] == eng[p["id"]] for p in pairs)
 
 
+def test_pud_pairs_are_parallel_and_disjoint_from_sib200(data_dir):
+    pairs = align.pud_pairs(data_dir, ["deu_Latn", "isl_Latn"])
+    assert len(pairs) == 2000 and [p["lang"] for p in pairs].count("isl_Latn") == 1000
+    files = data.ud_pud_files(data_dir)
+    english = data.read_conllu(files["en"])
+    # joined on sent_id, not on order: Icelandic PUD lists its sentences in another order
+    icelandic = {s["sent_id"]: s["text"] for s in data.read_conllu(files["is"])}
+    for p in pairs[1000:]:
+        assert p["a"] == english[p["id"]]["text"] and p["b"] == icelandic[english[p["id"]]["sent_id"]]
+    german = data.read_conllu(files["de"])
+    assert pairs[1]["a"].startswith("For those who follow social media") and pairs[1]["b"] == german[1]["text"]
+    assert {p["id"] for p in pairs[:1000]} == {p["id"] for p in pairs[1000:]} == set(range(1000))
+    assert align.overlap_with_sib200(pairs, data_dir, ["deu_Latn", "isl_Latn"]) == {"train": 0, "dev": 0, "test": 0}
+    # the counter does count: SIB-200 train's own pairs all overlap the train split, none dev or test
+    sib = align.sib200_pairs(data_dir, ["deu_Latn"])
+    assert align.overlap_with_sib200(sib, data_dir, ["deu_Latn"]) == {"train": len(sib), "dev": 0, "test": 0}
+    with pytest.raises(XltError, match="--align_langs: UD PUD has no swh_Latn"):
+        align.pud_pairs(data_dir, ["deu_Latn", "swh_Latn"])
+
+
 def test_sib200_translations_follow_index_id(data_dir):
     langs = ["deu_Latn", "fra_Latn"]
     translations = align.sib200_translations(data_dir, langs)
@@ -268,6 +288,8 @@ def test_bad_languages(data_dir):
         align.main(["--data_dir", str(data_dir), "--align_langs", "zzz_Latn"])
     with pytest.raises(XltError, match="--langs"):
         align.main(["--data_dir", str(data_dir), "--langs", "zzz_Latn"])
+    with pytest.raises(XltError, match="exclude each other"):
+        align.main(["--data_dir", str(data_dir), "--align_data", "pud", "--parallel", "x.tsv"])
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -288,8 +310,14 @@ def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path, device):
     assert set(res) == SCHEMA and res["script"] == "align.py" and res["seeds"] == [0]
     runs = {"unaligned", "unaligned + code-switch p=0.5", "aligned", "aligned + code-switch p=0.5"}
     assert set(res["results"]["0"]) == runs | {"tatoeba before", "tatoeba after"}
-    assert all(set(res["results"]["0"][r]) == {"eng_Latn", "deu_Latn", "avg", "zero-shot avg"} for r in runs)
-    assert set(res["results"]["0"]["tatoeba after"]) == {"deu_Latn", "fra_Latn", "avg"}         # the aligned languages, by FLORES code
+    assert all(set(res["results"]["0"][r]) == {"eng_Latn", "deu_Latn", "avg", "zero-shot avg", "transfer gap"}
+               for r in runs)
+    row = res["results"]["0"]["aligned"]
+    assert row["transfer gap"] == pytest.approx(row["eng_Latn"] - row["deu_Latn"])
+    assert res["details"]["sib200_overlap"] == {"train": 0, "dev": 0, "test": 0}       # UD PUD by default
+    assert res["details"]["pairs"] == 2000 and res["details"]["data"].startswith("UD PUD")
+    # the aligned languages, by FLORES code
+    assert set(res["results"]["0"]["tatoeba after"]) == {"deu_Latn", "fra_Latn", "avg"}
     seed = res["details"]["seed 0"]
     assert len(seed["tatoeba per layer"]["before"]["deu"]) == 3 and seed["tatoeba pairs"] == {"deu": 30, "fra": 30}
     assert [r["step"] for r in seed["alignment"]["log"]] == [2, 4]

@@ -285,6 +285,10 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
     log = saved["details"]["train_log"]["1"]
     assert set(log) == set(distill.METHODS) and len(log["baseline"]["dev_curve"]) == 2
     assert all(math.isfinite(loss) for _, loss in log["repr_distill"]["loss"])
+    res = saved["results"]["1"]                 # the premise, checked and kept: teacher minus student in English
+    assert log["baseline"]["teacher_minus_student"] == {
+        "dev": round(log["teacher"]["dev"] - log["baseline"]["dev"], 2),
+        "test": round(res["teacher"]["eng_Latn"] - res["baseline"]["eng_Latn"], 2)}
 
     # every method's checkpoint loads, with its own width, and reproduces the reported score
     for method in distill.METHODS:
@@ -314,6 +318,30 @@ def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
     assert all(v is not None for v in result["std"]["teacher"].values())
     _, head, _ = model.load_with_head(tmp_path / "out" / "output_distill")
     assert head.num_labels == 2
+
+
+def test_student_layers_keeps_the_bottom_blocks(tiny_checkpoint, tmp_path):
+    """--student_layers 1: a 1-block student (of 2) trains, is saved with num_hidden_layers 1, and loads here
+    and in transformers with every weight; its block is the pretrained bottom block."""
+    write_pawsx(tmp_path / "data" / "pawsx")
+    teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
+    student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
+    result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "pawsx",
+                           "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
+                           "--epochs", "1", "--batch_size", "4", "--lr", "1e-9", "--student_layers", "1"])
+    assert result["config"]["student_layers"] == 1
+    for method in distill.METHODS:
+        enc, _, cfg = model.load_with_head(tmp_path / "out" / method)
+        assert cfg["num_hidden_layers"] == len(enc.layers) == (2 if method == "teacher" else 1)
+    pretrained = model.Encoder.from_pretrained(student)
+    enc = model.load_with_head(tmp_path / "out" / "baseline")[0]
+    assert torch.allclose(enc.layers[0].qkv.weight, pretrained.layers[0].qkv.weight, atol=1e-6)   # lr ~ 0
+    transformers = pytest.importorskip("transformers")
+    hf, info = transformers.AutoModel.from_pretrained(tmp_path / "out" / "baseline", output_loading_info=True)
+    assert hf.config.num_hidden_layers == 1 and not info["unexpected_keys"]
+    assert set(info["missing_keys"]) == {"pooler.dense.weight", "pooler.dense.bias"}    # xlt keeps no pooler
+    with pytest.raises(model.XltError, match="--student_layers 3: .* has 2 blocks"):
+        model.keep_layers(pretrained, 3)
 
 
 def test_several_seeds_without_a_zero_shot_language(tiny_checkpoint, tmp_path):

@@ -310,8 +310,39 @@ def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
                                        "zero-shot avg"}
             assert 0 <= rows[name]["supervised avg"] <= 100 and 0 <= rows[name]["zero-shot avg"] <= 100
             assert len(logs[name]["dev"]) == 2 and logs[name]["best_epoch"] in (1, 2)
+        assert logs["vanilla"]["teacher_minus_student"] == {   # the premise, kept: teacher minus student per language
+            x: round(logs["teachers"][x]["test_accuracy"] - rows["vanilla"][x], 2) for x in ("eng_Latn", "fra_Latn")}
     assert r["std"]["mblm"]["eng_Latn"] is not None and r["config"]["mixture"] == "random"
     md = (out / "results.md").read_text()
     assert "| MBLM (full) |" in md and "± " in md and "| teachers (each on its own language) |" in md
     m, _ = load_mblm(out / "mblm")
     assert m.langs == ["eng_Latn", "fra_Latn"] and len(m.branches) == 2
+
+
+def test_student_layers_cuts_the_student_not_its_stand_in_teacher(tiny_checkpoint, data_dir, tmp_path, device,
+                                                                  monkeypatch):
+    """--student_layers 2 of 3: the student's classifiers are 2-block models (saved so, loadable), while the
+    same checkpoint as a (stand-in) teacher keeps its 3 blocks."""
+    student = tiny_checkpoint("student", layers=3, seed=0)
+    plain = tiny_checkpoint("teacher_en", layers=2, seed=1)
+    out, teacher_blocks, make_teacher = tmp_path / "out", {}, mblm.make_teacher
+
+    def spy(lang, src, *args):
+        teacher_blocks[lang] = len(src.encoder.layers)
+        return make_teacher(lang, src, *args)
+    monkeypatch.setattr(mblm, "make_teacher", spy)
+    r = mblm.main(["--data_dir", str(data_dir), "--student", str(student), "--student_layers", "2",
+                   "--teachers", f"eng_Latn={plain},fra_Latn={student}", "--langs", "eng_Latn,fra_Latn,deu_Latn",
+                   "--limit", "8", "--eval_limit", "6", "--epochs", "1", "--teacher_epochs", "1",
+                   "--branch_layers", "1", "--train_layers", "2", "--batch_size", "4", "--variants", "mblm",
+                   "--out_dir", str(out), "--device", device])
+    assert r["config"]["student_layers"] == 2
+    for lang in ("eng_Latn", "fra_Latn"):
+        enc, head, cfg = model.load_with_head(out / "mblm" / lang)
+        assert cfg["num_hidden_layers"] == len(enc.layers) == 2 and head.num_labels == len(data.SIB200_LABELS)
+    m, _ = load_mblm(out / "mblm")
+    assert len(m.encoder.layers) == 1 and len(m.branches[0]) == 1
+    assert teacher_blocks == {"eng_Latn": 2, "fra_Latn": 3}     # the student's checkpoint as a teacher: all 3
+    with pytest.raises(XltError, match="--student_layers 4"):
+        mblm.main(["--data_dir", str(data_dir), "--student", str(student), "--student_layers", "4",
+                   "--teachers", f"eng_Latn={plain},fra_Latn={plain}", "--out_dir", str(tmp_path / "o2")])

@@ -332,7 +332,7 @@ def test_corpora_never_contain_scored_test_sentences(data_dir, tmp_path):
     test_en = data.read_sib200(data_dir, "eng_Latn", "test")[0]["text"]
     par = tmp_path / "par.tsv"
     par.write_text(f"Hello there.\tHallo.\n{test_en}\tirgendwas\nsomething\t{test_de}\nThanks.\tDanke.\n")
-    args = argparse.Namespace(parallel=str(par), mono=None, data_dir=str(data_dir), limit=None)
+    args = argparse.Namespace(parallel=str(par), mono=None, data_dir=str(data_dir), limit=None, no_sib_bitext=False)
     bitext, foreign, english, _ = transfer.corpora(args, "deu_Latn")
     assert bitext == [("Hello there.", "Hallo."), ("Thanks.", "Danke.")]
     assert test_de not in foreign and test_en not in english
@@ -349,9 +349,25 @@ def test_corpora_never_contain_scored_test_sentences(data_dir, tmp_path):
     assert len(sources) == 3 and len(bitext) > 2500 and all(sources.values())
     scored = {r["text"] for r in data.read_sib200(data_dir, "deu_Latn", "test")}
     assert not scored & set(foreign)
+    # --no_sib_bitext: no SIB-200 sentence of any split on either side, every other pair kept
+    args.no_sib_bitext = True
+    no_sib, foreign_no_sib, _, sources_no_sib = transfer.corpora(args, "deu_Latn")
+    sib = {r["text"] for x in ("eng_Latn", "deu_Latn") for split in ("train", "dev", "test")
+           for r in data.read_sib200(data_dir, x, split)}
+    assert set(sources_no_sib) == set(sources) - {"SIB-200 train+dev (index_id)"}
+    assert not sib & {x for pair in no_sib for x in pair} and not sib & set(foreign_no_sib)
+    assert set(no_sib) == {pair for pair in bitext if not sib & set(pair)}
+    assert len(bitext) - len(no_sib) >= sources["SIB-200 train+dev (index_id)"] > 700
+    args.no_sib_bitext = False
     # --limit: evenly spaced pairs (data.subset), not the first ones (SIB-200 train+dev come first)
     args.limit = 10
     assert transfer.corpora(args, "deu_Latn")[0] == data.subset(bitext, 10)
+
+
+def test_last_quarter_drop():
+    assert transfer.last_quarter_drop([5.0, 4.0, 2.0]) is None                     # too short to say
+    assert transfer.last_quarter_drop([9.0, 6.0, 4.0, 2.0, 2.0]) == 0.0             # flat at the end: levelled off
+    assert transfer.last_quarter_drop([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0]) == 50.0   # 4 -> 2 over the last 2 steps
 
 
 def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
@@ -367,6 +383,8 @@ def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
         transfer.main(["--parallel", str(bad), "--langs", "deu_Latn,fra_Latn", "--data_dir", str(data_dir)])
     with pytest.raises(SystemExit):                                       # argparse: a range, not a block of ifs
         transfer.main(["--vocab_size", "0", "--data_dir", str(data_dir)])
+    with pytest.raises(XltError, match="--no_sib_bitext .* --parallel replaces"):
+        transfer.main(["--parallel", str(bad), "--no_sib_bitext", "--data_dir", str(data_dir)])
 
 
 SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
@@ -380,7 +398,7 @@ def test_end_to_end_on_tiny_models(data_dir, tiny_checkpoint, tmp_path):
     res = transfer.main(["--model", str(eng), "--reference", str(ref), "--out_dir", str(out), "--data_dir",
                          str(data_dir), "--langs", "fra_Latn", "--vocab_size", "300", "--mlm_head_steps", "2",
                          "--stage_a_steps", "3", "--stage_b_steps", "2", "--epochs", "1", "--limit", "150",
-                         "--eval_limit", "60", "--batch_size", "16"])
+                         "--eval_limit", "60", "--batch_size", "16", "--random_stage_a_steps", "4", "--log_every", "1"])
     assert set(json.loads((out / "results.json").read_text())) == SCHEMA and (out / "results.md").is_file()
     scores = res["results"]["0"]
     rows = ["RAMEN init", "random init", "English model, no transfer", f"{ref} (reference)"]
@@ -389,7 +407,11 @@ def test_end_to_end_on_tiny_models(data_dir, tiny_checkpoint, tmp_path):
     assert res["config"]["langs"] == "fra_Latn" and res["seconds"] > 0 and res["script"] == "transfer.py"
     run = res["details"]["runs"]["fra_Latn, seed 0"]
     assert set(run) >= {"stage_0", "ramen", "random"} and run["stage_0"]["steps"] == 2
-    assert len(run["ramen"]["stage_a"]) == 1 and run["ramen fine-tune"]["eng_Latn"] == scores["RAMEN init"]["eng_Latn"]
+    assert len(run["ramen"]["stage_a"]) == 3 and run["ramen fine-tune"]["eng_Latn"] == scores["RAMEN init"]["eng_Latn"]
+    assert len(run["random"]["stage_a"]) == 4 and len(run["random"]["stage_b"]) == 2     # --random_stage_a_steps
+    drop = run["random"]["last_quarter_drop_%"]
+    assert drop == {"stage_a": transfer.last_quarter_drop(run["random"]["stage_a"]), "stage_b": None}
+    assert drop["stage_a"] is not None and res["details"]["corpora"]["fra_Latn"]["sib200_in_bitext"]
     assert res["details"]["alignment"]["fra_Latn"]["covered"] > 0
     corpora = res["details"]["corpora"]["fra_Latn"]
     assert corpora["bitext_pairs"] == 150
