@@ -364,8 +364,8 @@ def main(argv=None):
         names = {"teacher": args.teacher, "student": args.student}
         prefixes = {role: evaluate.resolve_prefix(args.prefix, name) for role, name in names.items()}
         toks = {role: data.load_tokenizer(name) for role, name in names.items()}
-        bases = {role: model.Encoder.from_pretrained(name, dropout=args.dropout, verbose=rank == 0)
-                 for role, name in names.items()}
+        bases = {role: model.Encoder.from_pretrained(name, dropout=args.dropout, verbose=rank == 0).to(device)
+                 for role, name in names.items()}      # on the device: every model is copied from these there
         if args.student_layers:                     # our capacity-matched setting: the student's bottom blocks
             model.keep_layers(bases["student"], args.student_layers)
         for role, name in names.items():

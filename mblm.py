@@ -330,6 +330,7 @@ class Checkpoint:
             self.encoder, self.head = Encoder.from_pretrained(name, dropout=args.dropout), None
         if layers:
             model.keep_layers(self.encoder, layers)
+        self.encoder.to(device)                     # every model is copied from it (fresh) where it will run
         self.tok = data.load_tokenizer(name)
         self.pad_id, self.prefix = data.special_ids(self.tok)["pad"], evaluate.resolve_prefix(args.prefix, name)
         evaluate.check_max_len(args.max_len, self.encoder, name)
@@ -348,7 +349,7 @@ class Checkpoint:
             rows = data.subset(data.read_sib200(self.data_dir, lang, split),
                                self.args.limit if split == "train" else self.args.eval_limit)
             ex = data.encode_rows(self.tok, rows, self.args.max_len, self.prefix)
-            frozen_states(self.encoder.to(self.device), ex, self.frozen, self.pad_id, self.device,
+            frozen_states(self.encoder, ex, self.frozen, self.pad_id, self.device,
                           f"frozen blocks {lang} {split}")
             self.sets[(lang, split)] = ex
         return self.sets[(lang, split)]
