@@ -256,8 +256,8 @@ def test_pair_task_labels_out_of_range(tmp_path):
 # end to end, on tiny random checkpoints (teacher width 32, student width 48)
 # ----------------------------------------------------------------------------------------------------
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
-          "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units", "hardware",
+          "seconds", "details"}
 
 
 def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
@@ -282,6 +282,18 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
     assert saved["details"]["sizes"]["train"] == 32 and saved["details"]["sizes"]["test"]["amh_Ethi"] == 16
     md = (out / "results.md").read_text()
     assert "| method | eng_Latn | deu_Latn | amh_Ethi | avg | zero-shot avg |" in md
+    # the key differences with their paired bootstrap CIs: the tables' differences, in results.json and .md
+    ci = saved["comparisons"]
+    assert [(r["method"], r["test"]) for r in ci] == [(m, t) for m in ("output_distill", "repr_distill")
+                                                      for t in ("zero-shot avg", "eng_Latn")]
+    for r in ci:
+        mean = saved["mean"]
+        assert r["baseline"] == "baseline" and r["seeds"] == [1]
+        assert r["sentences"] == (32 if r["test"] == "zero-shot avg" else 16)           # deu + amh, or English
+        assert r["difference"] == pytest.approx(mean[r["method"]][r["test"]] - mean["baseline"][r["test"]])
+        assert r["low"] <= r["difference"] <= r["high"]
+        assert (f"| {r['method']} | baseline | {r['test']} | {r['difference']:+.1f} | [{r['low']:+.1f}, "
+                f"{r['high']:+.1f}] | 1 x {r['sentences']} |") in md
     log = saved["details"]["train_log"]["1"]
     assert set(log) == set(distill.METHODS) and len(log["baseline"]["dev_curve"]) == 2
     assert all(math.isfinite(loss) for _, loss in log["repr_distill"]["loss"])
@@ -308,6 +320,8 @@ def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
                            "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
                            "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
     assert set(result) == SCHEMA and result["seeds"] == [1, 2]
+    assert [(r["method"], r["test"], r["seeds"]) for r in result["comparisons"]] == [
+        (m, t, [1, 2]) for m in ("output_distill", "repr_distill") for t in ("zero-shot avg", "en")]
     assert list(result["mean"]["baseline"]) == ["de", "en", "avg", "zero-shot avg"]   # every test-<lang>.tsv
     assert set(result["results"]) == {"1", "2"}
     assert result["mean"]["teacher"]["zero-shot avg"] == result["mean"]["teacher"]["de"]

@@ -142,6 +142,8 @@ def test_distill_killed_in_a_save_resumes_to_the_uninterrupted_numbers(distill_a
     assert "seed 1 baseline" in r.stdout and not list(out.glob(".baseline.*"))
     final = strict_json(out / "results.json")
     assert final["results"] == json.loads(json.dumps(clean["results"])) and final["units"]["pending"] == []
+    # the CIs come from the outcomes kept in the unit records: a resumed run has the same
+    assert final["comparisons"] == json.loads(json.dumps(clean["comparisons"])) and len(final["comparisons"]) == 4
     for path in out.rglob("*.json"):
         strict_json(path)
 
@@ -200,5 +202,6 @@ def test_killed_runs_resume_to_the_uninterrupted_numbers(script, tiny_checkpoint
     assert f"[{script}.py] {skipped}: finished in an earlier run, skipped" in r.stdout
     final = strict_json(tmp_path / "out" / "results.json")
     assert final["results"] == json.loads(json.dumps(clean["results"])) and final["units"]["pending"] == []
+    assert final["comparisons"] == json.loads(json.dumps(clean["comparisons"])) and final["comparisons"]
     for path in (tmp_path / "out").rglob("*.json"):
         strict_json(path)
