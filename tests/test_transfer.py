@@ -369,8 +369,8 @@ def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
         transfer.main(["--vocab_size", "0", "--data_dir", str(data_dir)])
 
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
-          "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units", "hardware",
+          "seconds", "details"}
 
 
 def test_end_to_end_on_tiny_models(data_dir, tiny_checkpoint, tmp_path):
