@@ -361,9 +361,9 @@ def compare(outcomes, pairs, n=1000, why_not=None):
     of results.md's last table, write_results). outcomes = {method: {seed: {test set: outcomes}}} (hits,
     pos_accuracy); pairs = [(method, baseline, name, [test sets])]: the test sets are pooled, each scaled by its
     total weight so that every set counts equally, as in the tables' averages (with sets of one size: the mean
-    over (set, sentence) cells), and the difference is that of the tables' means over the seeds both have.
-    A pair whose method or baseline has no finished seed yet is left out. why_not: the score is not a mean over
-    sentences (macro-F1): every pair gets a row without difference or interval that says so."""
+    over (set, sentence) cells), and the difference is that of the tables' means over the seeds where both have
+    every test set (a partial run: the others are left out, and so is a pair without such a seed). why_not: the
+    score is not a mean over sentences (macro-F1): every pair gets a row without difference or interval saying so."""
     rows = []
     for method, baseline, name, sets in pairs:
         row = {"method": method, "baseline": baseline, "test": name}
@@ -371,7 +371,7 @@ def compare(outcomes, pairs, n=1000, why_not=None):
             rows.append({**row, "difference": None, "low": None, "high": None, "note": why_not})
             continue
         runs = [outcomes.get(m, {}) for m in (method, baseline)]
-        seeds = [s for s in runs[0] if s in runs[1]]
+        seeds = [s for s in runs[0] if s in runs[1] and all(t in r[s] for r in runs for t in sets)]
         if not seeds:
             continue
         num, den = [], []                          # per system, (seeds, cells); den: (cells,)

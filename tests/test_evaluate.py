@@ -109,6 +109,8 @@ def test_compare_pools_test_sets_equally_and_makes_one_table():
     assert zs["low"] <= zs["difference"] <= zs["high"]
     assert e["difference"] == pytest.approx(50.0) and (e["low"], e["high"]) == (0.0, 100.0)   # one cell, seeds drawn
     assert p["difference"] == pytest.approx(25.0)                                # 100 (2 - 1) / 4 words
+    outcomes["ours"][3], outcomes["base"][3] = {"x": "1111"}, {"x": "0000", "y": "00"}    # ours lacks y: left out
+    assert ev.compare(outcomes, [("ours", "base", "zero-shot avg", ["x", "y"])]) == [zs]
     assert rows == ev.compare(outcomes, [(r["method"], r["baseline"], r["test"], s) for r, s in
                                          zip(rows, (["x", "y"], ["e"], ["p"]))])  # deterministic
     table = ev.comparison_table(rows)
