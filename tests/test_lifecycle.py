@@ -160,8 +160,9 @@ def test_ctrl_c_keeps_the_finished_units_and_says_how_to_resume(distill_argv, tm
 
 # Per script: tiny flags, the Nth call of a writer that is killed, and the unit the rerun must skip.
 # continual: save calls 1-2 are naive's model (killed in it; 'before' is done); mblm: write_json calls are
-# run.json, then per unit its record and results.json, the 8th the mblm variant's mblm.json; align: 1 is
-# aligned/, 2-3 the unaligned classifier; transfer: write_json 4 is the random init's record.
+# run.json, then per unit its record and results.json, the 8th the mblm variant's mblm.json (vanilla after it,
+# for the comparisons); align: 1 is aligned/, 2-3 the unaligned classifier; transfer: write_json 4 is the random
+# init's record.
 def resume_cases(ckpt, data_dir):
     small = ["--data_dir", str(data_dir), "--epochs", "1", "--batch_size", "8", "--dropout", "0", "--device", "cpu",
              "--seeds", "0"]
@@ -171,8 +172,8 @@ def resume_cases(ckpt, data_dir):
                        "--eval_limit", "8", "--memory_langs", "eng_Latn", "--memory_per_lang", "4",
                        "--memory_eval_per_lang", "2", "--max_len", "32"], "model.write_safetensors", 2, "seed0-before"),
         "mblm": (["--student", str(m3), "--teachers", f"eng_Latn={m2},fra_Latn={m2}", "--langs",
-                  "eng_Latn,fra_Latn,deu_Latn", "--variants", "multi_teacher", "mblm", "--limit", "12", "--eval_limit",
-                  "8", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2"],
+                  "eng_Latn,fra_Latn,deu_Latn", "--variants", "multi_teacher", "mblm", "vanilla", "--limit", "12",
+                  "--eval_limit", "8", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2"],
                  "evaluate.write_json", 8, "seed0-multi_teacher"),
         "align": (["--model", str(m2), "--align_langs", "deu_Latn", "--align_steps", "2", "--align_batch_size", "4",
                    "--queue_size", "8", "--langs", "eng_Latn,deu_Latn", "--limit", "16", "--eval_limit", "8",
