@@ -2,7 +2,8 @@
 
 Metrics (in percent); zero-shot classification and POS tagging of a fine-tuned encoder + head; Tatoeba
 retrieval (optionally per hidden state); the English fine-tune-and-select protocol; results (markdown tables,
-the one results.json schema); every script's command-line vocabulary; and a command line of its own:
+paired bootstrap CIs of each script's key differences, the one results.json schema); every script's
+command-line vocabulary; and a command line of its own:
 
     python evaluate.py --model out/distill/baseline --task sib200                 # DEFAULT_SIB200_LANGS
     python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu,fra --per_layer
@@ -356,7 +357,7 @@ def _cells(outcome):
     return tuple(int(c) for c in outcome), (1,) * len(outcome)
 
 
-def compare(outcomes, pairs, n=1000, why_not=None):
+def compare(outcomes, pairs, why_not=None):
     """Paired bootstrap 95% CIs of the key differences of a run, the rows of results.json's 'comparisons' (and
     of results.md's last table, write_results). outcomes = {method: {seed: {test set: outcomes}}} (hits,
     pos_accuracy); pairs = [(method, baseline, name, [test sets])]: the test sets are pooled, each scaled by its
@@ -384,7 +385,7 @@ def compare(outcomes, pairs, n=1000, why_not=None):
             num.append(per_seed)
         if any(d != den[0] for d in den):
             raise ValueError(f"compare: {method} and {baseline} were not scored on the same sentences of {sets}")
-        diff, low, high = paired_bootstrap(num[0], num[1], n, weights=den[0])
+        diff, low, high = paired_bootstrap(num[0], num[1], weights=den[0])
         rows.append({**row, "difference": diff, "low": low, "high": high, "seeds": seeds, "sentences": len(den[0])})
     return rows
 
