@@ -344,3 +344,17 @@ def test_several_seeds_without_a_zero_shot_language(tiny_checkpoint, tmp_path):
     assert {s["zero-shot avg"] for s in result["std"].values()} == {None}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["mean"]["teacher"]["zero-shot avg"] is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "results.json", "results.md", "units"]
+
+
+def test_macro_f1_comparisons_say_no_interval(tiny_checkpoint, data_dir, tmp_path):
+    """NusaX reports macro-F1, not a mean over sentences: the comparison rows say so, with no fake interval."""
+    teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
+    student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
+    result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "nusax", "--data_dir",
+                           str(data_dir), "--out_dir", str(tmp_path / "out"), "--langs", "english,indonesian",
+                           "--limit", "16", "--eval_limit", "8", "--epochs", "1", "--batch_size", "8", "--no_save"])
+    assert [(r["method"], r["test"], r["difference"], r["low"], r["note"]) for r in result["comparisons"]] == [
+        (m, t, None, None, "macro-F1 is not a mean over sentences") for m in ("output_distill", "repr_distill")
+        for t in ("zero-shot avg", "english")]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| - | not computed: macro-F1 is not a mean over sentences | - |" in md
