@@ -383,10 +383,10 @@ def main(argv=None):
     if tatoeba_langs:
         differences.append(("tatoeba after", "tatoeba before", "avg", list(tatoeba_langs.values())))
 
-    def publish(seed, rows, unit_details, unit_outcomes):   # results.json and .md after every finished unit
+    def publish(seed, rows, unit_details, unit_outcomes=None):  # results.json and .md after every finished unit
         nonlocal result
         per_seed.setdefault(seed, {}).update(rows)
-        for name, tested in unit_outcomes.items():
+        for name, tested in (unit_outcomes or {}).items():      # (none in a unit record older than the CIs)
             outcomes.setdefault(name, {})[seed] = tested
         mine = details.setdefault(f"seed {seed}", {"alignment": None, "finetune": {}, "timings": {}})
         for key, value in unit_details.items():

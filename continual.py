@@ -349,7 +349,7 @@ def main(argv=None):
     def publish(seed, name, record):                # results.json and .md after every finished unit
         nonlocal result
         per_seed.setdefault(seed, {})[name] = record["row"]
-        outcomes.setdefault(name, {})[seed] = record["outcomes"]
+        outcomes.setdefault(name, {})[seed] = record.get("outcomes", {})
         details["per_layer"].setdefault(seed, {})[name] = record["curves"]
         if name == "before":
             details["mlm_head"][seed] = record["mlm_head"]

@@ -376,7 +376,7 @@ def main(argv=None):
             nonlocal result
             per_seed.setdefault(seed, {})[method] = evaluate.with_averages(record["scores"], task["train_lang"])
             logs.setdefault(seed, {})[method] = record["log"]
-            outcomes.setdefault(method, {})[seed] = record["outcomes"]
+            outcomes.setdefault(method, {})[seed] = record.get("outcomes", {})
             if rank != 0:
                 return
             mean, std = evaluate.mean_std(per_seed)

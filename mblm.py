@@ -456,7 +456,7 @@ def main(argv=None):
                               extra={"variant": name, "seed": seed, "xlt_prefix": student.prefix})
                 del m                                   # before the next variant's copy: one student in memory
                 record = run.finish(f"seed{seed}-{name}", {"row": row, "log": log, "outcomes": tested})
-            publish(seed, name, record["row"], record["log"], record["outcomes"])
+            publish(seed, name, record["row"], record["log"], record.get("outcomes", {}))
     return result
 
 

@@ -409,12 +409,12 @@ def main(argv=None):
                         cell["eng_Latn"], cell[r["lang"]] = cell["eng_Latn"] + r["eng"] / len(done), r["score"]
                         details["corpora"][r["lang"]], details["alignment"][r["lang"]] = r["corpora"], r["alignment"]
                         details["runs"].setdefault(f"{r['lang']}, seed {seed}", {}).update(r["run"])
-                        outcomes.setdefault(row, {}).setdefault(seed, {}).update(r["outcomes"])
+                        outcomes.setdefault(row, {}).setdefault(seed, {}).update(r.get("outcomes", {}))
         for seed in args.seeds:
             for row, _, slug in baselines:
                 if (r := records.get(f"seed{seed}-{slug}")):
                     per_seed.setdefault(seed, {})[row], details["runs"][f"{row}, seed {seed}"] = r["scores"], r["run"]
-                    outcomes.setdefault(row, {})[seed] = r["outcomes"]
+                    outcomes.setdefault(row, {})[seed] = r.get("outcomes", {})
         per_seed = {s: {r: evaluate.with_averages(v, "eng_Latn") for r, v in rows.items()}
                     for s, rows in per_seed.items()}
         mean, std = evaluate.mean_std(per_seed)
