@@ -309,7 +309,8 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publi
     """One seed, as units of the run folder: "seed0-align" (Tatoeba before, align, Tatoeba after; the aligned
     encoder is out/aligned, reloaded by a resumed run, or aligned again under --no_save), then one unit per
     fine-tune of {unaligned, aligned} on English SIB-200 with and without code-switching, tested on --langs.
-    publish(seed, rows, details) gets each finished unit's rows and details."""
+    publish(seed, rows, details, outcomes) gets each finished unit's rows, details and per-sentence outcomes
+    ({row: {language: outcomes}}, evaluate.compare)."""
     data_dir, langs, tatoeba_langs, train_rows, dev_rows, alternatives = setup
     out = Path(args.out_dir) / ("" if len(args.seeds) == 1 else f"seed{seed}")
     cs = f"code-switch p={args.cs_prob:g}"
@@ -331,7 +332,7 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publi
 
     def tatoeba(encoder):                   # xx->en top-1 of every hidden state, mean pooling
         return evaluate.tatoeba(encoder, tok, data_dir, tatoeba_langs, device, True, args.eval_limit, prefix,
-                                args.max_len)
+                                args.max_len, outcomes=True)
     base = key_encoder(f_q)                 # the unaligned encoder, a frozen copy for the baselines
     if record and (out / "aligned").is_dir():
         f_q = model.Encoder.from_pretrained(out / "aligned", dropout=args.dropout).to(device)
@@ -355,7 +356,9 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publi
             "alignment": align_log, "timings": {k: round(v, 1) for k, v in timings.items()},
             "tatoeba pairs": {lang: r["n"] for lang, r in retrieval["before"].items()},
             "tatoeba per layer": {when: {lang: r["per_layer"] for lang, r in res.items()}
-                                  for when, res in retrieval.items()}}})
+                                  for when, res in retrieval.items()}},
+            "outcomes": {f"tatoeba {when}": {tatoeba_langs[lang]: r["hits"] for lang, r in res.items()}
+                         for when, res in retrieval.items() if res}})
     publish(seed, *record.values())
 
     for name, (slug, p) in runs.items():
@@ -373,8 +376,8 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publi
                 model.compile_blocks(encoder)
             head, log = evaluate.finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix,
                                           args.pooling, name, epoch_rows)
-            scores = evaluate.sib200_scores(encoder, head, tok, data_dir, langs, device, max_len=args.max_len,
-                                            prefix=prefix, limit=args.eval_limit)
+            scores, tested = evaluate.sib200_scores(encoder, head, tok, data_dir, langs, device, max_len=args.max_len,
+                                                    prefix=prefix, limit=args.eval_limit, outcomes=True)
             seconds = time.time() - t
             if not args.no_save:
                 model.save_pretrained(encoder, out / slug, tok, head, extra={"xlt_prefix": prefix, "xlt_align": {
@@ -385,7 +388,8 @@ def experiment(args, seed, tok, pairs, source, setup, device, prefix, run, publi
             print(f"[align] seed {seed}, {name}: English dev {log['dev']:.1f} (epoch {log['best_epoch']}), test avg "
                   f"{row['avg']:.1f}, {seconds:.0f} s")
             done[name] = run.finish(f"seed{seed}-{slug}", {"rows": {name: row}, "details": {
-                "finetune": {name: {**log, "switched": switched}}, "timings": {"finetune " + name: round(seconds, 1)}}})
+                "finetune": {name: {**log, "switched": switched}}, "timings": {"finetune " + name: round(seconds, 1)}},
+                "outcomes": {name: tested}})
         publish(seed, *done[name].values())
 
 
@@ -431,11 +435,17 @@ def main(argv=None):
     per_seed, details = {}, {"pairs": len(pairs), "data": source, "sib200_overlap": overlap, "prefix": prefix,
                              "code_switch": {"p": args.cs_prob, "langs": align_langs,
                                              "kind": "English train sentence -> its SIB-200 train translation"}}
-    result = None
+    result, outcomes, zero_shot = None, {}, [lang for lang in langs if lang != "eng_Latn"]
+    cs = f"code-switch p={args.cs_prob:g}"
+    differences = [(m, "unaligned", "zero-shot avg", zero_shot) for m in ("aligned", f"aligned + {cs}") if zero_shot]
+    if tatoeba_langs:
+        differences.append(("tatoeba after", "tatoeba before", "avg", list(tatoeba_langs.values())))
 
-    def publish(seed, rows, unit_details):           # results.json and .md after every finished unit
+    def publish(seed, rows, unit_details, unit_outcomes=None):  # results.json and .md after every finished unit
         nonlocal result
         per_seed.setdefault(seed, {}).update(rows)
+        for name, tested in (unit_outcomes or {}).items():      # (none in a unit record older than the CIs)
+            outcomes.setdefault(name, {})[seed] = tested
         mine = details.setdefault(f"seed {seed}", {"alignment": None, "finetune": {}, "timings": {}})
         for key, value in unit_details.items():
             mine[key] = {**mine[key], **value} if key in ("finetune", "timings") else value
@@ -455,7 +465,8 @@ def main(argv=None):
                           "\n\n" + evaluate.per_layer_table(curves), "Tatoeba xx->en top-1 (%) at the last layer, "
                           f"{args.eval_limit or 'all'} pairs per language\n\n" + table("Tatoeba", True)]
         result = evaluate.write_results(args, "align.py", "Pan et al. 2021, Multilingual BERT Post-Pretraining "
-                                        "Alignment (NAACL 2021)", per_seed, tables, details, device, t0, run)
+                                        "Alignment (NAACL 2021)", per_seed, tables, details, device, t0, run,
+                                        evaluate.compare(outcomes, differences))
     run.plan = [f"seed{seed}-{u}" for seed in args.seeds for u in
                 ("align", "unaligned", "unaligned_cs", "aligned_finetuned", "aligned_cs")]
     for seed in args.seeds:

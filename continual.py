@@ -289,16 +289,21 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
 
 def measure(enc, head, tok, langs, held_out, vocab, args, device):
     """One results row (last-layer Tatoeba, zero-shot POS with a head, masked LM on the fixed held-out
-    batches) and the per-layer Tatoeba curves {lang: [xx->en % per hidden state]}."""
+    batches), the per-layer Tatoeba curves {lang: [xx->en % per hidden state]}, and the per-sentence outcomes
+    {row key: outcomes} of the row's Tatoeba and POS cells (evaluate.compare)."""
     ret = evaluate.tatoeba(enc, tok, args.data_dir, [data.tatoeba_code(lang) for lang in langs], device, per_layer=True,
-                           limit=args.eval_limit, prefix=evaluate.resolve_prefix(args.prefix, args.model))
+                           limit=args.eval_limit, prefix=evaluate.resolve_prefix(args.prefix, args.model),
+                           outcomes=True)
     curves = {lang: ret[data.tatoeba_code(lang)]["per_layer"] for lang in langs}
     row = {f"tatoeba {lang}": c[-1] for lang, c in curves.items()}
     row["tatoeba avg"] = statistics.fmean(c[-1] for c in curves.values())
+    outcomes = {f"tatoeba {lang}": ret[data.tatoeba_code(lang)]["hits"] for lang in langs}
     if head is not None:
-        pos = evaluate.pos_scores(enc, head, tok, args.data_dir, ["en"] + [data.pud_code(lang) for lang in langs],
-                                  device, limit=args.eval_limit)
+        codes = ["en"] + [data.pud_code(lang) for lang in langs]
+        pos, tagged = evaluate.pos_scores(enc, head, tok, args.data_dir, codes, device, limit=args.eval_limit,
+                                          outcomes=True)
         row.update({f"pos {k}": v for k, v in evaluate.with_averages(pos, "en").items()})
+        outcomes.update({f"pos {k}": v for k, v in tagged.items()})
     if held_out:                                    # how much of the previous task survives
         vocab = vocab.to(device)
         with model.evaluating(enc), model.autocast(device):
@@ -306,7 +311,7 @@ def measure(enc, head, tok, langs, held_out, vocab, args, device):
         count = sum(n for *_, n in out)
         row["mlm loss"] = sum(loss.item() * n for loss, _, n in out) / count
         row["mlm accuracy"] = 100.0 * sum(correct.item() for _, correct, _ in out) / count
-    return row, curves
+    return row, curves, outcomes
 
 
 def main(argv=None):
@@ -334,11 +339,17 @@ def main(argv=None):
     print(f"[continual] {args.model} on {device}; sentences: {sizes}; {len(memory_langs)} memory languages")
 
     per_seed, best_dev, details = {}, {}, {"sizes": sizes, "mlm_head": {}, "train": {}, "per_layer": {}}
-    result, held_out = None, None
+    result, held_out, outcomes = None, None, {}
+    # the key differences: each method minus naive fine-tuning, and how much naive fine-tuning forgets
+    tatoeba, pos = [f"tatoeba {lang}" for lang in langs], [f"pos {data.pud_code(lang)}" for lang in langs]
+    pairs = [(m, "naive", name, sets) for m in methods if m != "naive"
+             for name, sets in (("pos zero-shot avg", pos), ("tatoeba avg", tatoeba))]
+    pairs.append(("naive", "before", "tatoeba avg", tatoeba))
 
     def publish(seed, name, record):                # results.json and .md after every finished unit
         nonlocal result
         per_seed.setdefault(seed, {})[name] = record["row"]
+        outcomes.setdefault(name, {})[seed] = record.get("outcomes", {})
         details["per_layer"].setdefault(seed, {})[name] = record["curves"]
         if name == "before":
             details["mlm_head"][seed] = record["mlm_head"]
@@ -348,7 +359,8 @@ def main(argv=None):
         if name == "agem":
             details["agem_shared_parameter_names"] = record["shared_names"]
         tables = report(per_seed, details, methods, held_out)
-        result = evaluate.write_results(args, "continual.py", PAPER, per_seed, tables, details, device, t0, run)
+        result = evaluate.write_results(args, "continual.py", PAPER, per_seed, tables, details, device, t0, run,
+                                        evaluate.compare(outcomes, pairs))
 
     for seed in args.seeds:
         records = {r: run.done(f"seed{seed}-{r}") for r in ["before"] + methods}
@@ -373,8 +385,9 @@ def main(argv=None):
         mlm_info = mlm_head(enc, memory, args, seed, device)
         enc.requires_grad_(False)
         if records["before"] is None:
-            row, curves = measure(enc, None, tok, langs, held_out, vocab, args, device)
-            records["before"] = run.finish(f"seed{seed}-before", {"row": row, "curves": curves, "mlm_head": mlm_info})
+            row, curves, tested = measure(enc, None, tok, langs, held_out, vocab, args, device)
+            records["before"] = run.finish(f"seed{seed}-before", {"row": row, "curves": curves, "mlm_head": mlm_info,
+                                                                  "outcomes": tested})
         publish(seed, "before", records["before"])
         pretrained = {k: v.detach().clone() for k, v in enc.state_dict().items()}
         for method in methods:                      # each method from the same pre-trained weights
@@ -386,7 +399,7 @@ def main(argv=None):
                 head = model.TokenClassificationHead(enc.config.hidden_size, len(data.UPOS_TAGS),
                                                      dropout=enc.config.hidden_dropout_prob).to(device)
                 info = finetune(enc, head, method, train, dev, memory, tok, args, device, seed)
-                row, curves = measure(enc, head, tok, langs, held_out, vocab, args, device)
+                row, curves, tested = measure(enc, head, tok, langs, held_out, vocab, args, device)
                 row["dev"], names = info["dev"], info.pop("shared_names")
                 if not args.no_save and info["dev"] > best_dev.get(method, -1.0):    # the seed best on EWT dev
                     model.save_pretrained(enc, Path(args.out_dir) / method, tokenizer=tok, head=head,
@@ -396,7 +409,8 @@ def main(argv=None):
                       f"{row['pos zero-shot avg']:.2f}, last-layer retrieval avg "
                       f"{row['tatoeba avg']:.1f} ({time.time() - t:.0f} s)")
                 records[method] = run.finish(f"seed{seed}-{method}", {
-                    "row": row, "curves": curves, "train": {**info, "seconds_with_eval": round(time.time() - t, 1)},
+                    "row": row, "curves": curves, "outcomes": tested,
+                    "train": {**info, "seconds_with_eval": round(time.time() - t, 1)},
                     **({"shared_names": names} if method == "agem" else {})})
             publish(seed, method, records[method])
     return result

@@ -160,13 +160,16 @@ def predict(clf, examples, pad_id, device, rank=0, world=1, batch_size=64):
     return model.all_reduce_sum(logits), model.all_reduce_sum(z)
 
 
-def score(clf, examples, pad_id, metric, device, rank=0, world=1):
-    """Accuracy or macro-F1 (percent) of the classifier on encoded examples (evaluate's metrics)."""
+def score(clf, examples, pad_id, metric, device, rank=0, world=1, outcomes=False):
+    """Accuracy or macro-F1 (percent) of the classifier on encoded examples (evaluate's metrics); outcomes:
+    (percent, per-example outcomes, evaluate.hits)."""
     preds = predict(clf, examples, pad_id, device, rank, world)[0].argmax(-1).tolist()
     labels = [ex["label"] for ex in examples]
     if metric == "macro_f1":
-        return evaluate.macro_f1(preds, labels, clf.head.num_labels)
-    return evaluate.accuracy(preds, labels)
+        percent = evaluate.macro_f1(preds, labels, clf.head.num_labels)
+    else:
+        percent = evaluate.accuracy(preds, labels)
+    return (percent, evaluate.hits(preds, labels)) if outcomes else percent
 
 
 # -------------------- 3. The training loop, one for all four models -----------------------------------
@@ -286,7 +289,8 @@ def teacher_advantage(teacher, student, lang):
 
 def run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world, run, best_dev, publish):
     """The four models of one seed, each a unit of the run folder ("seed1-teacher", ...; a finished one is
-    skipped): publish(seed, method, record) gets each record, {'scores': {lang: percent}, 'log'}."""
+    skipped): publish(seed, method, record) gets each record, {'scores': {lang: percent}, 'log', 'outcomes':
+    {lang: per-example outcomes}}."""
     C, metric = task["num_labels"], task["metric"]
 
     def fit(method, role, targets=None, clf=None):
@@ -295,9 +299,10 @@ def run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world,
         t = time.time()
         log = train(clf, encs[role], method, targets, args, device, rank, world, seed, metric)
         log["seconds"], t = round(time.time() - t, 1), time.time()
-        scores = {lang: score(clf, ex, encs[role]["pad"], metric, device, rank, world)
+        tested = {lang: score(clf, ex, encs[role]["pad"], metric, device, rank, world, outcomes=True)
                   for lang, ex in tqdm(encs[role]["test"].items(), desc=f"{method} zero-shot",
                                        leave=False, disable=rank != 0)}
+        scores = {lang: s for lang, (s, _) in tested.items()}
         log["eval_seconds"] = round(time.time() - t, 1)
         if rank == 0:
             zs = evaluate.with_averages(scores, task["train_lang"])["zero-shot avg"]
@@ -309,7 +314,7 @@ def run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world,
                                   extra={"xlt_prefix": prefixes[role],
                                          "xlt_distill": {"method": method, "seed": seed, "task": args.task,
                                                          "english_dev": log["dev"], "epoch": log["best_epoch"]}})
-        return clf, {"scores": scores, "log": log}
+        return clf, {"scores": scores, "log": log, "outcomes": {lang: o for lang, (_, o) in tested.items()}}
 
     def finished(method, record):
         best_dev[method] = max(best_dev.get(method, -1.0), record["log"]["dev"])   # what the saved model has
@@ -385,13 +390,18 @@ def main(argv=None):
                 c = bases[role].config
                 print(f"[distill] {role}: {name} ({c.num_hidden_layers} layers, width {c.hidden_size}, "
                       f"vocabulary {c.vocab_size}, prefix {prefixes[role]!r})")
-        per_seed, logs, best_dev, result = {}, {}, {}, None
+        per_seed, logs, outcomes, best_dev, result = {}, {}, {}, {}, None
+        zero_shot = [lang for lang in task["test"] if lang != task["train_lang"]]
+        pairs = [(m, "baseline", name, sets) for m in METHODS[2:] for name, sets in
+                 [("zero-shot avg", zero_shot), (task["train_lang"], [task["train_lang"]])]
+                 if sets and all(x in task["test"] for x in sets)]
         run.plan = [f"seed{seed}-{method}" for seed in args.seeds for method in METHODS]
 
         def publish(seed, method, record):          # results.json and .md after every finished unit
             nonlocal result
             per_seed.setdefault(seed, {})[method] = evaluate.with_averages(record["scores"], task["train_lang"])
             logs.setdefault(seed, {})[method] = record["log"]
+            outcomes.setdefault(method, {})[seed] = record.get("outcomes", {})
             if rank != 0:
                 return
             mean, std = evaluate.mean_std(per_seed)
@@ -400,7 +410,10 @@ def main(argv=None):
                      f"{task['train_lang']} only, model selection on English dev; {seeds}\n\n"
                      + evaluate.markdown_table(mean, std=std, averages=False))
             details = {"train_log": logs, "sizes": sizes, "world_size": world}
-            result = evaluate.write_results(args, "distill.py", PAPER, per_seed, [table], details, device, t0, run)
+            comparisons = evaluate.compare(outcomes, pairs, why_not="macro-F1 is not a mean over sentences" if
+                                           task["metric"] == "macro_f1" else None)
+            result = evaluate.write_results(args, "distill.py", PAPER, per_seed, [table], details, device, t0, run,
+                                            comparisons)
         for seed in args.seeds:
             run_seed(seed, task, bases, encs, toks, prefixes, args, device, rank, world, run, best_dev, publish)
         return result

@@ -2,7 +2,8 @@
 
 Metrics (in percent); zero-shot classification and POS tagging of a fine-tuned encoder + head; Tatoeba
 retrieval (optionally per hidden state); the English fine-tune-and-select protocol; results (markdown tables,
-the one results.json schema); every script's command-line vocabulary; and a command line of its own:
+paired bootstrap CIs of each script's key differences, the one results.json schema); every script's
+command-line vocabulary; and a command line of its own:
 
     python evaluate.py --model out/distill/baseline --task sib200                 # DEFAULT_SIB200_LANGS
     python evaluate.py --model intfloat/multilingual-e5-small --task tatoeba --langs deu,fra --per_layer
@@ -93,23 +94,35 @@ def predict(encoder, head, examples, pad_id, device, batch_size=64):
     return preds
 
 
-def classification_scores(encoder, head, tok, sets, device, max_len=128, prefix="", metric="accuracy", desc="eval"):
+def hits(preds, labels):
+    """A test set's per-row outcomes as one string, '1' where the prediction is right, '0' where it is wrong:
+    what compare() needs, compact in a unit's JSON record."""
+    return "".join("01"[p == y] for p, y in zip(preds, labels))
+
+
+def classification_scores(encoder, head, tok, sets, device, max_len=128, prefix="", metric="accuracy", desc="eval",
+                          outcomes=False):
     """{name: percent} for sets = {name: rows}, a row being {'text', 'label'} or {'text_a', 'text_b',
-    'label'}. metric: 'accuracy' or 'macro_f1' (over the head's classes)."""
-    pad_id, scores = data.special_ids(tok)["pad"], {}
+    'label'}. metric: 'accuracy' or 'macro_f1' (over the head's classes). outcomes: return also
+    {name: hits(...)}, the per-row outcomes."""
+    pad_id, scores, rights = data.special_ids(tok)["pad"], {}, {}
     for name, rows in tqdm(sets.items(), desc=desc, leave=False):
         if not rows:
             raise data.DataError(f"{desc}: {name} has no examples")
         examples = data.encode_rows(tok, rows, max_len, prefix)
         preds, labels = predict(encoder, head, examples, pad_id, device), [ex["label"] for ex in examples]
         scores[name] = macro_f1(preds, labels, head.num_labels) if metric == "macro_f1" else accuracy(preds, labels)
-    return scores
+        rights[name] = hits(preds, labels)
+    return (scores, rights) if outcomes else scores
 
 
-def sib200_scores(encoder, head, tok, data_dir, langs, device, split="test", max_len=128, prefix="", limit=None):
-    """{FLORES code: accuracy} of a 7-way topic classifier on SIB-200 (Adelani et al. 2024)."""
+def sib200_scores(encoder, head, tok, data_dir, langs, device, split="test", max_len=128, prefix="", limit=None,
+                  outcomes=False):
+    """{FLORES code: accuracy} of a 7-way topic classifier on SIB-200 (Adelani et al. 2024); outcomes: and the
+    per-row outcomes (classification_scores)."""
     sets = {lang: data.subset(data.read_sib200(data_dir, lang, split), limit) for lang in langs}
-    return classification_scores(encoder, head, tok, sets, device, max_len, prefix, desc=f"SIB-200 {split}")
+    return classification_scores(encoder, head, tok, sets, device, max_len, prefix, desc=f"SIB-200 {split}",
+                                 outcomes=outcomes)
 
 
 def xnli_rows(data_dir, split="test"):
@@ -128,26 +141,30 @@ def xnli_rows(data_dir, split="test"):
     return out
 
 
-def pos_accuracy(encoder, head, tok, sentences, device, max_len=256):
+def pos_accuracy(encoder, head, tok, sentences, device, max_len=256, outcomes=False):
     """UPOS accuracy (percent) over every word of sentences ([{'words', 'upos'}]), a word tagged by the
-    prediction at its first subword; words cut off by max_len or tokenized to nothing count as wrong."""
+    prediction at its first subword; words cut off by max_len or tokenized to nothing count as wrong.
+    outcomes: return also the per-sentence outcomes, 'correct/words' per sentence, space-separated."""
     examples = data.encode_tagged(tok, [s["words"] for s in sentences], [s["upos"] for s in sentences], max_len)
     preds = predict(encoder, head, examples, data.special_ids(tok)["pad"], device)
-    correct = sum(p == y for ex, pred in zip(examples, preds) for p, y in zip(pred, ex["labels"]) if y != -100)
-    words = sum(len(s["words"]) for s in sentences)
-    if not words:
+    correct = [sum(p == y for p, y in zip(pred, ex["labels"]) if y != -100) for ex, pred in zip(examples, preds)]
+    words = [len(s["words"]) for s in sentences]
+    if not sum(words):
         raise ValueError("pos_accuracy: no words")
-    return 100.0 * correct / words
+    acc = 100.0 * sum(correct) / sum(words)
+    return (acc, " ".join(f"{c}/{w}" for c, w in zip(correct, words))) if outcomes else acc
 
 
-def pos_scores(encoder, head, tok, data_dir, langs, device, max_len=256, limit=None):
-    """{ISO 639-1 code: UPOS accuracy} on the UD PUD test sets (the same 1,000 sentences in every language)."""
+def pos_scores(encoder, head, tok, data_dir, langs, device, max_len=256, limit=None, outcomes=False):
+    """{ISO 639-1 code: UPOS accuracy} on the UD PUD test sets (the same 1,000 sentences in every language);
+    outcomes: ({code: accuracy}, {code: per-sentence outcomes}) (pos_accuracy)."""
     files = data.ud_pud_files(data_dir)
     missing = [lang for lang in langs if lang not in files]
     if missing:
         raise data.DataError(f"no UD PUD test set for {', '.join(missing)} (there are: {', '.join(sorted(files))})")
-    return {lang: pos_accuracy(encoder, head, tok, data.subset(data.read_conllu(files[lang]), limit), device, max_len)
-            for lang in tqdm(langs, desc="UD PUD", leave=False)}
+    out = {lang: pos_accuracy(encoder, head, tok, data.subset(data.read_conllu(files[lang]), limit), device, max_len,
+                              outcomes) for lang in tqdm(langs, desc="UD PUD", leave=False)}
+    return ({k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}) if outcomes else out
 
 
 # -------------------- Sentence retrieval ---------------------------------------------------------
@@ -169,28 +186,32 @@ def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=Fa
     return out if all_layers else out[0]
 
 
-def retrieval_top1(src, tgt):
+def retrieval_top1(src, tgt, outcomes=False):
     """(src->tgt, tgt->src) top-1 accuracy in percent: row i of src translates row i of tgt; each row's
-    nearest neighbour on the other side by cosine similarity must be its own translation."""
+    nearest neighbour on the other side by cosine similarity must be its own translation. outcomes: and the
+    src->tgt per-row outcomes (hits)."""
     if src.shape != tgt.shape:
         raise ValueError(f"retrieval_top1: src {tuple(src.shape)} and tgt {tuple(tgt.shape)} must match")
     sim = F.normalize(src.float(), dim=-1) @ F.normalize(tgt.float(), dim=-1).T
     gold = torch.arange(len(src))
-    return tuple(100.0 * (sim.argmax(dim) == gold).float().mean().item() for dim in (1, 0))
+    scores = tuple(100.0 * (sim.argmax(dim) == gold).float().mean().item() for dim in (1, 0))
+    return (*scores, hits(sim.argmax(1).tolist(), gold.tolist())) if outcomes else scores
 
 
-def tatoeba(encoder, tok, data_dir, langs, device, per_layer=False, limit=None, prefix="", max_len=128):
+def tatoeba(encoder, tok, data_dir, langs, device, per_layer=False, limit=None, prefix="", max_len=128, outcomes=False):
     """{lang: {'xx->en', 'en->xx', 'n', 'per_layer' (xx->en of every hidden state, or None)}} on LASER's
     Tatoeba (Artetxe & Schwenk 2019), on `limit` evenly spaced pairs per language (all by default; retrieval
-    among fewer candidates is easier, so compare only numbers measured on the same pairs)."""
+    among fewer candidates is easier, so compare only numbers measured on the same pairs). outcomes: each
+    language's dict has also 'hits', the per-pair xx->en outcomes at the last layer (hits)."""
     out = {}
     for lang in tqdm(langs, desc="Tatoeba", leave=False):
         pairs = data.subset(zip(*data.read_tatoeba(data_dir, lang)), limit)
         x, e = (embed(encoder, tok, [pair[side] for pair in pairs], device, 64, max_len, per_layer, prefix)
                 for side in (0, 1))
         curve = [retrieval_top1(x[i], e[i])[0] for i in range(len(x))] if per_layer else None
-        xx_en, en_xx = retrieval_top1(x[-1], e[-1]) if per_layer else retrieval_top1(x, e)
-        out[lang] = {"xx->en": xx_en, "en->xx": en_xx, "n": len(pairs), "per_layer": curve}
+        xx_en, en_xx, *found = retrieval_top1(x[-1] if per_layer else x, e[-1] if per_layer else e, outcomes)
+        out[lang] = {"xx->en": xx_en, "en->xx": en_xx, "n": len(pairs), "per_layer": curve,
+                     **({"hits": found[0]} if outcomes else {})}
     return out
 
 
@@ -294,7 +315,7 @@ def mean_std(per_seed):
     return mean, std
 
 
-def paired_bootstrap(a, b, n=1000, seed=0):
+def paired_bootstrap(a, b, n=1000, seed=0, weights=None):
     """(mean difference, low, high) in points: how much a method beats its baseline on one test set, with a paired
     bootstrap 95% confidence interval (Efron & Tibshirani 1993; Koehn 2004 for MT). a, b: per-sentence scores in
     [0, 1] (1 = correct) of the method and of its baseline on the same sentences, shape (seeds, sentences), row s of
@@ -304,22 +325,83 @@ def paired_bootstrap(a, b, n=1000, seed=0):
     resample's statistic is the mean of d over every (drawn seed, drawn sentence) cell. Returns the mean of d over
     all cells and the 2.5th and 97.5th percentiles of the n statistics (torch.quantile, linear interpolation).
     Resampling both ways is conservative (a cell's own noise is counted by both draws), and with 3 seeds the seed
-    draw is coarse: the interval's width is itself noisy."""
+    draw is coarse: the interval's width is itself noisy.
+    weights (sentences,), positive: a score that is a ratio of sums (POS: correct words / words). a and b are then
+    per-sentence numerators (correct words), weights the denominators (words), and every statistic, the first
+    returned value included, is 100 sum(a - b) / sum(weights) over the drawn cells; None: all 1, the mean above."""
     a, b = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b))
     if a.shape != b.shape or a.dim() not in (1, 2) or not a.numel():
         raise ValueError(f"paired_bootstrap: a {tuple(a.shape)} and b {tuple(b.shape)} must both be "
                          f"(seeds, sentences), non-empty")
     d = 100 * (a - b).reshape(-1, a.shape[-1])
     S, N = d.shape
+    w = torch.ones(N, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (N,) or not (w > 0).all():
+        raise ValueError(f"paired_bootstrap: weights {tuple(w.shape)} must be ({N},), every one positive")
     generator = torch.Generator().manual_seed(seed)
 
     def counts(k):                                 # (n, k): how often each of k indices is drawn in each resample
         draws = torch.randint(k, (n, k), generator=generator)
         return torch.zeros(n, k, dtype=torch.float64).scatter_add_(1, draws, torch.ones(n, k, dtype=torch.float64))
     seeds, sentences = counts(S), counts(N)
-    stats = ((seeds @ d) * sentences).sum(1) / (S * N)        # sum over drawn seeds, then over drawn sentences
+    stats = ((seeds @ d) * sentences).sum(1) / (S * (sentences @ w))    # drawn seeds, then drawn sentences
     low, high = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return d.mean().item(), low, high
+    return (d.sum() / (S * w.sum())).item(), low, high
+
+
+def _cells(outcome):
+    """(numerators, denominators) of one test set's outcomes: hits' '0'/'1' string, or pos_accuracy's
+    'correct/words' per sentence."""
+    if "/" in outcome:
+        return tuple(zip(*((int(c), int(w)) for c, w in (x.split("/") for x in outcome.split()))))
+    return tuple(int(c) for c in outcome), (1,) * len(outcome)
+
+
+def compare(outcomes, pairs, why_not=None):
+    """Paired bootstrap 95% CIs of the key differences of a run, the rows of results.json's 'comparisons' (and
+    of results.md's last table, write_results). outcomes = {method: {seed: {test set: outcomes}}} (hits,
+    pos_accuracy); pairs = [(method, baseline, name, [test sets])]: the test sets are pooled, each scaled by its
+    total weight so that every set counts equally, as in the tables' averages (with sets of one size: the mean
+    over (set, sentence) cells), and the difference is that of the tables' means over the seeds where both have
+    every test set (a partial run: the others are left out, and so is a pair without such a seed). why_not: the
+    score is not a mean over sentences (macro-F1): every pair gets a row without difference or interval saying so."""
+    rows = []
+    for method, baseline, name, sets in pairs:
+        row = {"method": method, "baseline": baseline, "test": name}
+        if why_not:
+            rows.append({**row, "difference": None, "low": None, "high": None, "note": why_not})
+            continue
+        runs = [outcomes.get(m, {}) for m in (method, baseline)]
+        seeds = [s for s in runs[0] if s in runs[1] and all(t in r[s] for r in runs for t in sets)]
+        if not seeds:
+            continue
+        num, den = [], []                          # per system, (seeds, cells); den: (cells,)
+        for system in runs:
+            per_seed = []
+            for s in seeds:
+                cells = [_cells(system[s][t]) for t in sets]
+                per_seed.append([x / sum(w) for c, w in cells for x in c])
+                den.append([x / sum(w) for c, w in cells for x in w])
+            num.append(per_seed)
+        if any(d != den[0] for d in den):
+            raise ValueError(f"compare: {method} and {baseline} were not scored on the same sentences of {sets}")
+        diff, low, high = paired_bootstrap(num[0], num[1], weights=den[0])
+        rows.append({**row, "difference": diff, "low": low, "high": high, "seeds": seeds, "sentences": len(den[0])})
+    return rows
+
+
+def comparison_table(rows):
+    """Markdown: one line per row of compare()."""
+    lines = ["Paired bootstrap 95% confidence intervals of the key differences (points; 1000 resamples of the test "
+             "sentences and, independently, of the seeds)\n", "| method | baseline | test set | difference | 95% CI "
+             "| seeds x sentences |", "|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r["difference"] is None:
+            lines.append(f"| {r['method']} | {r['baseline']} | {r['test']} | - | not computed: {r['note']} | - |")
+        else:
+            lines.append(f"| {r['method']} | {r['baseline']} | {r['test']} | {r['difference']:+.1f} | "
+                         f"[{r['low']:+.1f}, {r['high']:+.1f}] | {len(r['seeds'])} x {r['sentences']} |")
+    return "\n".join(lines)
 
 
 def write_json(path, obj):
@@ -342,22 +424,23 @@ def hardware(device):
     return f"{cpu}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
 
 
-def write_results(args, script, paper, per_seed, tables, details, device, t0, run=None):
+def write_results(args, script, paper, per_seed, tables, details, device, t0, run=None, comparisons=()):
     """OUT_DIR/results.json in the schema every script shares: script, paper, command, config, seeds,
-    results {seed: {method: {key: number}}}, mean and std over seeds (same shape, one level up), units (the
-    finished and the pending units of the run folder: a partial file says what it lacks), hardware, seconds,
-    and the script's own details; and OUT_DIR/results.md, the tables the README shows. Scripts call it after
-    every finished unit, so a killed run leaves a correct partial results.json."""
+    results {seed: {method: {key: number}}}, mean and std over seeds (same shape, one level up), comparisons
+    (compare()'s rows: method minus baseline with its 95% CI), units (the finished and the pending units of the
+    run folder: a partial file says what it lacks), hardware, seconds, and the script's own details; and
+    OUT_DIR/results.md, the tables the README shows, the comparisons last. Scripts call it after every
+    finished unit, so a killed run leaves a correct partial results.json."""
     mean, std = mean_std(per_seed)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "argv"}
     units = run.progress() if run else None
     result = {"script": script, "paper": paper, "command": shlex.join(["python", script] + args.argv), "config": config,
               "seeds": list(per_seed), "results": {str(s): r for s, r in per_seed.items()}, "mean": mean,
-              "std": std, "units": units, "hardware": hardware(device), "seconds": round(time.time() - t0, 1),
-              "details": details}
+              "std": std, "comparisons": list(comparisons), "units": units, "hardware": hardware(device),
+              "seconds": round(time.time() - t0, 1), "details": details}
     out = Path(args.out_dir)
     write_json(out / "results.json", result)
-    text = "\n\n".join(tables)
+    text = "\n\n".join(tables + ([comparison_table(comparisons)] if comparisons else []))
     with model.atomic_file(out / "results.md", "w") as f:
         f.write(text + "\n")
     if units and units["pending"]:

@@ -246,10 +246,13 @@ def predict(m, examples, lang, pad_id, device):
     return out
 
 
-def accuracies(m, sets, pad_id, device):
-    """{lang: accuracy in percent} of m on sets = {lang: examples}, each routed by its language."""
-    return {lang: evaluate.accuracy(predict(m, ex, lang, pad_id, device).argmax(-1).tolist(),
-                                    [e["label"] for e in ex]) for lang, ex in sets.items()}
+def accuracies(m, sets, pad_id, device, outcomes=False):
+    """{lang: accuracy in percent} of m on sets = {lang: examples}, each routed by its language; outcomes: and
+    {lang: per-example outcomes} (evaluate.hits)."""
+    preds = {lang: predict(m, ex, lang, pad_id, device).argmax(-1).tolist() for lang, ex in sets.items()}
+    labels = {lang: [e["label"] for e in ex] for lang, ex in sets.items()}
+    scores = {lang: evaluate.accuracy(preds[lang], labels[lang]) for lang in sets}
+    return (scores, {lang: evaluate.hits(preds[lang], labels[lang]) for lang in sets}) if outcomes else scores
 
 
 def language_batches(train_sets, batch_size, seed, epoch):
@@ -402,12 +405,16 @@ def main(argv=None):
     saved = "mblm" if "mblm" in args.variants else args.variants[-1]
     if not args.no_save:
         run.need(*[student.encoder] * len(supervised))               # one classifier per branch
-    per_seed, details = {}, {"supervised": supervised, "zero_shot": zero_shot, "seeds": {}}
+    per_seed, details, outcomes = {}, {"supervised": supervised, "zero_shot": zero_shot, "seeds": {}}, {}
+    pairs = [(m, b, name, sets) for m, b in (("mblm", "vanilla"), ("mblm", "mblm_no_zs"), ("multi_teacher", "vanilla"))
+             for name, sets in (("zero-shot avg", zero_shot), ("supervised avg", supervised)) if sets]
     run.plan = [f"seed{seed}-{u}" for seed in args.seeds for u in [f"teacher-{x}" for x in supervised] + args.variants]
     result = None
 
-    def publish(seed, name, row, log):              # results.json and .md after every finished unit
+    def publish(seed, name, row, log, tested=None):     # results.json and .md after every finished unit
         nonlocal result
+        if tested:
+            outcomes.setdefault(name, {})[seed] = tested
         rows, logs = per_seed.setdefault(seed, {}), details["seeds"].setdefault(str(seed), {})
         if name in teachers:
             rows.setdefault("teachers", {})[name], logs.setdefault("teachers", {})[name] = row, log
@@ -425,7 +432,8 @@ def main(argv=None):
         tables = ["SIB-200 test accuracy (supervised languages through their branch, the others zero-shot):\n\n"
                   + summary, "Per language (zero-shot languages through the uniform mixture of the branches):\n\n"
                   + per_lang]
-        result = evaluate.write_results(args, "mblm.py", PAPER, per_seed, tables, details, device, t0, run)
+        result = evaluate.write_results(args, "mblm.py", PAPER, per_seed, tables, details, device, t0, run,
+                                        evaluate.compare(outcomes, pairs))
 
     for seed in args.seeds:
         # 1. Teachers: soft targets on their language's train split, computed once and kept with the unit.
@@ -449,7 +457,7 @@ def main(argv=None):
                 m = student.fresh(supervised if branches else None)
                 log = train(m, train_sets, dev_sets, args, device, student.pad_id, seed, alpha=args.alpha if distil
                             else 0.0, zs_weight=args.zs_weight if zs else 0.0, desc=name)
-                scores = accuracies(m, test_sets, student.pad_id, device)
+                scores, tested = accuracies(m, test_sets, student.pad_id, device, outcomes=True)
                 row = {**scores, "supervised avg": sum(scores[x] for x in supervised) / len(supervised),
                        "zero-shot avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None}
                 log["seconds"] = round(time.time() - tv, 1)
@@ -463,8 +471,8 @@ def main(argv=None):
                     save_mblm(m.cpu(), Path(args.out_dir) / name, student.tok,
                               extra={"variant": name, "seed": seed, "xlt_prefix": student.prefix})
                 del m                                   # before the next variant's copy: one student in memory
-                record = run.finish(f"seed{seed}-{name}", {"row": row, "log": log})
-            publish(seed, name, record["row"], record["log"])
+                record = run.finish(f"seed{seed}-{name}", {"row": row, "log": log, "outcomes": tested})
+            publish(seed, name, record["row"], record["log"], record.get("outcomes", {}))
     return result
 
 

@@ -417,11 +417,15 @@ def main(argv=None):
     run.plan = [f"{lang}-seed{seed}-{init}" for lang in langs for seed in args.seeds for init, _ in inits] + [
         f"seed{seed}-{slug}" for seed in args.seeds for *_, slug in baselines]
     records, result = {}, None
+    # the key differences, per target language (and their zero-shot avg): RAMEN's init against a random one, and
+    # against not transferring at all
+    tests = [(lang, [lang]) for lang in langs] + ([("zero-shot avg", langs)] if len(langs) > 1 else [])
+    differences = [("RAMEN init", b, name, sets) for b in ("random init", baselines[0][0]) for name, sets in tests]
 
     def publish(unit, record):                      # results.json and .md after every finished unit
         nonlocal result
         records[unit] = record
-        per_seed, details = {}, {"corpora": {}, "alignment": {}, "runs": {}}
+        per_seed, details, outcomes = {}, {"corpora": {}, "alignment": {}, "runs": {}}, {}
         for seed in args.seeds:
             for init, row in inits:                 # eng_Latn: the mean over the target languages done so far
                 done = [records[u] for lang in langs if (u := f"{lang}-seed{seed}-{init}") in records]
@@ -431,10 +435,12 @@ def main(argv=None):
                         cell["eng_Latn"], cell[r["lang"]] = cell["eng_Latn"] + r["eng"] / len(done), r["score"]
                         details["corpora"][r["lang"]], details["alignment"][r["lang"]] = r["corpora"], r["alignment"]
                         details["runs"].setdefault(f"{r['lang']}, seed {seed}", {}).update(r["run"])
+                        outcomes.setdefault(row, {}).setdefault(seed, {}).update(r.get("outcomes", {}))
         for seed in args.seeds:
             for row, _, slug in baselines:
                 if (r := records.get(f"seed{seed}-{slug}")):
                     per_seed.setdefault(seed, {})[row], details["runs"][f"{row}, seed {seed}"] = r["scores"], r["run"]
+                    outcomes.setdefault(row, {})[seed] = r.get("outcomes", {})
         per_seed = {s: {r: evaluate.with_averages(v, "eng_Latn") for r, v in rows.items()}
                     for s, rows in per_seed.items()}
         mean, std = evaluate.mean_std(per_seed)
@@ -443,7 +449,8 @@ def main(argv=None):
                   + evaluate.markdown_table(mean, "eng_Latn", std=std, averages=False)]
         paper = ("Tran (2020), From English To Foreign Languages: Transferring Pre-trained Language Models, "
                  "arXiv:2002.07306")
-        result = evaluate.write_results(args, "transfer.py", paper, per_seed, tables, details, device, t0, run)
+        result = evaluate.write_results(args, "transfer.py", paper, per_seed, tables, details, device, t0, run,
+                                        evaluate.compare(outcomes, differences))
 
     for lang in langs:
         units = {u: run.done(u) for u in [f"{lang}-seed{seed}-{init}" for seed in args.seeds for init, _ in inits]}
@@ -486,13 +493,15 @@ def main(argv=None):
                     eng = evaluate.sib200_scores(enc, head, eng_tok, langs=["eng_Latn"], prefix=prefix,
                                                  **test)["eng_Latn"]
                     use_vocab(enc, vocab_f)                                                # the swap: zero-shot
-                    score = evaluate.sib200_scores(enc, head, foreign_tok, langs=[lang], prefix=prefix, **test)[lang]
+                    score, tested = evaluate.sib200_scores(enc, head, foreign_tok, langs=[lang], prefix=prefix,
+                                                           outcomes=True, **test)
                     if save:                                               # the classifier needs no MLM head
                         enc.mlm = None
                         model.save_pretrained(enc, f"{args.out_dir}/{lang}-classifier", foreign_tok, head, {
                             "xlt_prefix": prefix, "xlt_transfer": {"english_model": args.model, "lang": lang}})
                     units[unit] = run.finish(unit, {
-                        "lang": lang, "eng": eng, "score": score, "corpora": corpora_info, "alignment": alignment_info,
+                        "lang": lang, "eng": eng, "score": score[lang], "outcomes": tested, "corpora": corpora_info,
+                        "alignment": alignment_info,
                         "run": {**stage_0, init: losses, f"{init} fine-tune": {**log, "eng_Latn": eng,
                                                                                "seconds": round(time.time() - t, 1)}}})
                 publish(unit, units[unit])
@@ -506,8 +515,9 @@ def main(argv=None):
                 tok, pre = data.load_tokenizer(ckpt), evaluate.resolve_prefix(args.prefix, ckpt)
                 enc.embed.word.weight.requires_grad_(args.train_embeddings)       # (never for the RAMEN rows)
                 head, log = evaluate.finetune(enc, tok, *task, args, device, seed, pre, desc=row)
-                scores = evaluate.sib200_scores(enc, head, tok, langs=["eng_Latn", *langs], prefix=pre, **test)
-                record = run.finish(f"seed{seed}-{slug}", {"scores": scores, "run": {
+                scores, tested = evaluate.sib200_scores(enc, head, tok, langs=["eng_Latn", *langs], prefix=pre,
+                                                        outcomes=True, **test)
+                record = run.finish(f"seed{seed}-{slug}", {"scores": scores, "outcomes": tested, "run": {
                     **log, "prefix": pre, "seconds": round(time.time() - t, 1)}})
             publish(f"seed{seed}-{slug}", record)
     return result

@@ -294,8 +294,8 @@ def test_bad_languages(data_dir):
 
 # ---------------------------------------------------------------------------------------------------- end to end
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
-          "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units", "hardware",
+          "seconds", "details"}
 
 
 def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path, device):
@@ -324,7 +324,18 @@ def test_end_to_end_tiny(tiny_checkpoint, data_dir, tmp_path, device):
     assert seed["finetune"]["unaligned"]["switched"] == [0.0]
     assert 0.3 < seed["finetune"]["aligned + code-switch p=0.5"]["switched"][0] < 0.7
     assert res["config"]["align_steps"] == 4 and res["seconds"] > 0 and res["hardware"]
-    assert "| hidden state |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| hidden state |" in md
+    # paired bootstrap CIs: aligned (and + code-switching) minus unaligned, zero-shot; Tatoeba after minus before
+    cs = "aligned + code-switch p=0.5"
+    assert [(c["method"], c["baseline"], c["test"], c["sentences"]) for c in res["comparisons"]] == [
+        ("aligned", "unaligned", "zero-shot avg", 30), (cs, "unaligned", "zero-shot avg", 30),
+        ("tatoeba after", "tatoeba before", "avg", 60)]
+    for c in res["comparisons"]:
+        mean = res["mean"]
+        assert c["difference"] == pytest.approx(mean[c["method"]][c["test"]] - mean[c["baseline"]][c["test"]])
+        assert c["low"] <= c["difference"] <= c["high"] and c["seeds"] == [0]
+        assert f"| {c['method']} | {c['baseline']} | {c['test']} | {c['difference']:+.1f} |" in md
     assert (out / "aligned" / "config.json").exists() and (out / "aligned" / "model.safetensors").exists()
     assert Encoder.from_pretrained(out / "aligned").config.hidden_size == 32
     for slug in ("unaligned", "unaligned_cs", "aligned_finetuned", "aligned_cs"):

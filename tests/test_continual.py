@@ -321,8 +321,8 @@ def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
             "--batch_size", "8", "--max_len", "32", "--freeze_layers", "1", "--seeds", "0", "--device", device]
     res = continual.main(argv)
     saved = json.loads((out / "results.json").read_text())
-    assert {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
-            "details"} <= set(saved)
+    assert {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units",
+            "hardware", "seconds", "details"} <= set(saved)
     assert saved["script"] == "continual.py" and saved["seeds"] == [0]
     assert saved["config"]["method"] == "all" and saved["seconds"] > 0
     runs, details = saved["results"]["0"], saved["details"]
@@ -345,6 +345,16 @@ def test_end_to_end_all_methods(tiny_checkpoint, data_dir, tmp_path, device):
     assert "embed.word.weight" not in details["agem_shared_parameter_names"]
     md = (out / "results.md").read_text()
     assert "| agem |" in md and "| layer 2 |" in md and "zero-shot avg" in md
+    # paired bootstrap CIs: each method minus naive (POS, retrieval), and naive's forgetting (retrieval)
+    ci = saved["comparisons"]
+    assert [(c["method"], c["baseline"], c["test"]) for c in ci] == [
+        (m, "naive", t) for m in ("freeze", "multitask", "agem") for t in ("pos zero-shot avg", "tatoeba avg")] + [
+        ("naive", "before", "tatoeba avg")]
+    for c in ci:
+        mean = saved["mean"]
+        assert c["difference"] == pytest.approx(mean[c["method"]][c["test"]] - mean[c["baseline"]][c["test"]])
+        assert c["low"] <= c["difference"] <= c["high"] and c["seeds"] == [0] and c["sentences"] == 16
+        assert f"| {c['method']} | {c['baseline']} | {c['test']} | {c['difference']:+.1f} |" in md
     enc, head, cfg = model.load_with_head(out / "agem")
     assert cfg["xlt_continual"]["method"] == "agem" and head.num_labels == len(data.UPOS_TAGS)
     assert res["results"]["0"]["agem"]["dev"] == runs["agem"]["dev"]

@@ -256,8 +256,8 @@ def test_pair_task_labels_out_of_range(tmp_path):
 # end to end, on tiny random checkpoints (teacher width 32, student width 48)
 # ----------------------------------------------------------------------------------------------------
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
-          "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units", "hardware",
+          "seconds", "details"}
 
 
 def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
@@ -282,6 +282,18 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
     assert saved["details"]["sizes"]["train"] == 32 and saved["details"]["sizes"]["test"]["amh_Ethi"] == 16
     md = (out / "results.md").read_text()
     assert "| method | eng_Latn | deu_Latn | amh_Ethi | avg | zero-shot avg |" in md
+    # the key differences with their paired bootstrap CIs: the tables' differences, in results.json and .md
+    ci = saved["comparisons"]
+    assert [(r["method"], r["test"]) for r in ci] == [(m, t) for m in ("output_distill", "repr_distill")
+                                                      for t in ("zero-shot avg", "eng_Latn")]
+    for r in ci:
+        mean = saved["mean"]
+        assert r["baseline"] == "baseline" and r["seeds"] == [1]
+        assert r["sentences"] == (32 if r["test"] == "zero-shot avg" else 16)           # deu + amh, or English
+        assert r["difference"] == pytest.approx(mean[r["method"]][r["test"]] - mean["baseline"][r["test"]])
+        assert r["low"] <= r["difference"] <= r["high"]
+        assert (f"| {r['method']} | baseline | {r['test']} | {r['difference']:+.1f} | [{r['low']:+.1f}, "
+                f"{r['high']:+.1f}] | 1 x {r['sentences']} |") in md
     log = saved["details"]["train_log"]["1"]
     assert set(log) == set(distill.METHODS) and len(log["baseline"]["dev_curve"]) == 2
     assert all(math.isfinite(loss) for _, loss in log["repr_distill"]["loss"])
@@ -312,6 +324,8 @@ def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
                            "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out"),
                            "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
     assert set(result) == SCHEMA and result["seeds"] == [1, 2]
+    assert [(r["method"], r["test"], r["seeds"]) for r in result["comparisons"]] == [
+        (m, t, [1, 2]) for m in ("output_distill", "repr_distill") for t in ("zero-shot avg", "en")]
     assert list(result["mean"]["baseline"]) == ["de", "en", "avg", "zero-shot avg"]   # every test-<lang>.tsv
     assert set(result["results"]) == {"1", "2"}
     assert result["mean"]["teacher"]["zero-shot avg"] == result["mean"]["teacher"]["de"]
@@ -358,3 +372,17 @@ def test_several_seeds_without_a_zero_shot_language(tiny_checkpoint, tmp_path):
     assert {s["zero-shot avg"] for s in result["std"].values()} == {None}
     assert json.loads((tmp_path / "out" / "results.json").read_text())["mean"]["teacher"]["zero-shot avg"] is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock", "results.json", "results.md", "units"]
+
+
+def test_macro_f1_comparisons_say_no_interval(tiny_checkpoint, data_dir, tmp_path):
+    """NusaX reports macro-F1, not a mean over sentences: the comparison rows say so, with no fake interval."""
+    teacher = tiny_checkpoint("teacher", hidden=32, seed=0, mlm_head=False)
+    student = tiny_checkpoint("student", hidden=48, seed=1, mlm_head=False)
+    result = distill.main(["--teacher", str(teacher), "--student", str(student), "--task", "nusax", "--data_dir",
+                           str(data_dir), "--out_dir", str(tmp_path / "out"), "--langs", "english,indonesian",
+                           "--limit", "16", "--eval_limit", "8", "--epochs", "1", "--batch_size", "8", "--no_save"])
+    assert [(r["method"], r["test"], r["difference"], r["low"], r["note"]) for r in result["comparisons"]] == [
+        (m, t, None, None, "macro-F1 is not a mean over sentences") for m in ("output_distill", "repr_distill")
+        for t in ("zero-shot avg", "english")]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| - | not computed: macro-F1 is not a mean over sentences | - |" in md

@@ -43,6 +43,7 @@ def test_retrieval_top1_cosine_both_directions():
     assert s2t == pytest.approx(100 * 2 / 3)
     assert t2s == pytest.approx(100.0)
     assert ev.retrieval_top1(tgt, src) == pytest.approx((100.0, 100 * 2 / 3))
+    assert ev.retrieval_top1(src, tgt, outcomes=True)[2] == "110"            # src->tgt, per row
     with pytest.raises(ValueError):
         ev.retrieval_top1(src, tgt[:2])
 
@@ -80,6 +81,47 @@ def test_paired_bootstrap_by_hand():
     # two seeds x two sentences, only cell (0, 0) differs: statistic = 100 c w / 4 with c, w ~ Binomial(2, 1/2) the
     # draws of seed 0 and of sentence 0: 0, 25, 50, 100 with probabilities 7/16, 4/16, 4/16, 1/16 -> (25, 0, 100)
     assert ev.paired_bootstrap([[1, 0], [0, 0]], [[0, 0], [0, 0]], n=2000) == (25.0, 0.0, 100.0)
+
+
+def test_paired_bootstrap_ratio_of_sums_by_hand():
+    # POS-like: sentence 0 has 3 words (a 3 correct, b 1), sentence 1 has 1 word (both 0). A resample draws
+    # sentence 0 twice, once or never (1/4, 1/2, 1/4): 100 (2 x 2) / 6 = 66.7, 100 2 / 4 = 50, 0 / 2 = 0; the
+    # full sample: 100 (3 - 1) / 4 = 50
+    mean, low, high = ev.paired_bootstrap([3, 0], [1, 0], n=2000, weights=[3, 1])
+    assert mean == 50.0 and low == 0.0 and high == pytest.approx(200 / 3)
+    # all weights 1 is the plain mean
+    assert ev.paired_bootstrap([[1, 0]], [[0, 0]], n=500, weights=[1, 1]) == ev.paired_bootstrap([1, 0], [0, 0], n=500)
+    with pytest.raises(ValueError, match="weights"):
+        ev.paired_bootstrap([3, 0], [1, 0], weights=[3, 0])
+
+
+def test_compare_pools_test_sets_equally_and_makes_one_table():
+    # two seeds; test set x: 4 sentences, y: 2. Seed 1: ours +50 on x (2 of 4), +50 on y; seed 2: +25 on x, 0 on y.
+    # The tables' zero-shot avg difference: mean over seeds of mean over sets = ((50 + 50) / 2 + (25 + 0) / 2) / 2
+    outcomes = {"ours": {1: {"x": "1100", "y": "10", "e": "1"}, 2: {"x": "1000", "y": "00", "e": "1"}},
+                "base": {1: {"x": "0000", "y": "00", "e": "1"}, 2: {"x": "0000", "y": "00", "e": "0"}},
+                "pos": {1: {"p": "2/3 1/1"}}, "pos base": {1: {"p": "1/3 1/1"}}}
+    rows = ev.compare(outcomes, [("ours", "base", "zero-shot avg", ["x", "y"]), ("ours", "base", "e", ["e"]),
+                                 ("pos", "pos base", "p", ["p"]), ("ours", "missing", "x", ["x"])])
+    assert [r["test"] for r in rows] == ["zero-shot avg", "e", "p"]             # no finished baseline: no row
+    zs, e, p = rows
+    assert zs["difference"] == pytest.approx(31.25) and zs["seeds"] == [1, 2] and zs["sentences"] == 6
+    assert zs["low"] <= zs["difference"] <= zs["high"]
+    assert e["difference"] == pytest.approx(50.0) and (e["low"], e["high"]) == (0.0, 100.0)   # one cell, seeds drawn
+    assert p["difference"] == pytest.approx(25.0)                                # 100 (2 - 1) / 4 words
+    outcomes["ours"][3], outcomes["base"][3] = {"x": "1111"}, {"x": "0000", "y": "00"}    # ours lacks y: left out
+    assert ev.compare(outcomes, [("ours", "base", "zero-shot avg", ["x", "y"])]) == [zs]
+    assert rows == ev.compare(outcomes, [(r["method"], r["baseline"], r["test"], s) for r, s in
+                                         zip(rows, (["x", "y"], ["e"], ["p"]))])  # deterministic
+    table = ev.comparison_table(rows)
+    assert f"| ours | base | zero-shot avg | +31.2 | [{zs['low']:+.1f}, {zs['high']:+.1f}] | 2 x 6 |" in table
+    assert "| pos | pos base | p | +25.0 |" in table
+    honest = ev.compare(outcomes, [("ours", "base", "zero-shot avg", ["x", "y"])], why_not="macro-F1")
+    assert honest == [{"method": "ours", "baseline": "base", "test": "zero-shot avg", "difference": None,
+                       "low": None, "high": None, "note": "macro-F1"}]
+    assert "| - | not computed: macro-F1 | - |" in ev.comparison_table(honest)
+    with pytest.raises(ValueError, match="same sentences"):
+        ev.compare({"a": {1: {"x": "10"}}, "b": {1: {"x": "100"}}}, [("a", "b", "x", ["x"])])
 
 
 def test_paired_bootstrap_interval_shrinks_with_sentences_and_is_deterministic():
@@ -198,6 +240,9 @@ def test_pos_accuracy_counts_every_word(tiny_checkpoint):
     # max_len 3 = [CLS] word [SEP]: the words cut off count as wrong, not as absent
     assert ev.pos_accuracy(enc, det, tok, sents, "cpu", max_len=3) == pytest.approx(100 * 2 / 6)
     assert ev.pos_accuracy(enc, noun, tok, sents, "cpu", max_len=3) == pytest.approx(0.0)
+    # per sentence: correct/words
+    assert ev.pos_accuracy(enc, det, tok, sents, "cpu", outcomes=True)[1] == "1/4 1/2"
+    assert ev.pos_accuracy(enc, noun, tok, sents, "cpu", max_len=3, outcomes=True)[1] == "0/4 0/2"
 
 
 # ---------------------------------------------------------------------------------------------- command line

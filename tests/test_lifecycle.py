@@ -142,6 +142,8 @@ def test_distill_killed_in_a_save_resumes_to_the_uninterrupted_numbers(distill_a
     assert "seed 1 baseline" in r.stdout and not list(out.glob(".baseline.*"))
     final = strict_json(out / "results.json")
     assert final["results"] == json.loads(json.dumps(clean["results"])) and final["units"]["pending"] == []
+    # the CIs come from the outcomes kept in the unit records: a resumed run has the same
+    assert final["comparisons"] == json.loads(json.dumps(clean["comparisons"])) and len(final["comparisons"]) == 4
     for path in out.rglob("*.json"):
         strict_json(path)
 
@@ -158,8 +160,9 @@ def test_ctrl_c_keeps_the_finished_units_and_says_how_to_resume(distill_argv, tm
 
 # Per script: tiny flags, the Nth call of a writer that is killed, and the unit the rerun must skip.
 # continual: save calls 1-2 are naive's model (killed in it; 'before' is done); mblm: write_json calls are
-# run.json, then per unit its record and results.json, the 8th the mblm variant's mblm.json; align: 1 is
-# aligned/, 2-3 the unaligned classifier; transfer: write_json 4 is the random init's record.
+# run.json, then per unit its record and results.json, the 8th the mblm variant's mblm.json (vanilla after it,
+# for the comparisons); align: 1 is aligned/, 2-3 the unaligned classifier; transfer: write_json 4 is the random
+# init's record.
 def resume_cases(ckpt, data_dir):
     small = ["--data_dir", str(data_dir), "--epochs", "1", "--batch_size", "8", "--dropout", "0", "--device", "cpu",
              "--seeds", "0"]
@@ -169,8 +172,8 @@ def resume_cases(ckpt, data_dir):
                        "--eval_limit", "8", "--memory_langs", "eng_Latn", "--memory_per_lang", "4",
                        "--memory_eval_per_lang", "2", "--max_len", "32"], "model.write_safetensors", 2, "seed0-before"),
         "mblm": (["--student", str(m3), "--teachers", f"eng_Latn={m2},fra_Latn={m2}", "--langs",
-                  "eng_Latn,fra_Latn,deu_Latn", "--variants", "multi_teacher", "mblm", "--limit", "12", "--eval_limit",
-                  "8", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2"],
+                  "eng_Latn,fra_Latn,deu_Latn", "--variants", "multi_teacher", "mblm", "vanilla", "--limit", "12",
+                  "--eval_limit", "8", "--teacher_epochs", "1", "--branch_layers", "1", "--train_layers", "2"],
                  "evaluate.write_json", 8, "seed0-multi_teacher"),
         "align": (["--model", str(m2), "--align_langs", "deu_Latn", "--align_steps", "2", "--align_batch_size", "4",
                    "--queue_size", "8", "--langs", "eng_Latn,deu_Latn", "--limit", "16", "--eval_limit", "8",
@@ -200,5 +203,6 @@ def test_killed_runs_resume_to_the_uninterrupted_numbers(script, tiny_checkpoint
     assert f"[{script}.py] {skipped}: finished in an earlier run, skipped" in r.stdout
     final = strict_json(tmp_path / "out" / "results.json")
     assert final["results"] == json.loads(json.dumps(clean["results"])) and final["units"]["pending"] == []
+    assert final["comparisons"] == json.loads(json.dumps(clean["comparisons"])) and final["comparisons"]
     for path in (tmp_path / "out").rglob("*.json"):
         strict_json(path)

@@ -295,8 +295,8 @@ def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
                    "--batch_size", "4", "--out_dir", str(out), "--mixture", "random", "--seeds", "0", "1",
                    "--device", device])
     assert r == json.loads((out / "results.json").read_text())
-    assert set(r) == {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware",
-                      "seconds", "details"}
+    assert set(r) == {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units",
+                      "hardware", "seconds", "details"}
     assert r["script"] == "mblm.py" and r["seeds"] == [0, 1] and r["seconds"] > 0
     assert r["details"]["supervised"] == ["eng_Latn", "fra_Latn"]
     assert r["details"]["zero_shot"] == ["deu_Latn", "zho_Hans"]
@@ -315,6 +315,14 @@ def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
     assert r["std"]["mblm"]["eng_Latn"] is not None and r["config"]["mixture"] == "random"
     md = (out / "results.md").read_text()
     assert "| MBLM (full) |" in md and "± " in md and "| teachers (each on its own language) |" in md
+    # paired bootstrap CIs over test sentences and both seeds: the tables' differences of means
+    assert [(c["method"], c["baseline"], c["test"]) for c in r["comparisons"]] == [
+        (m, b, t) for m, b in (("mblm", "vanilla"), ("mblm", "mblm_no_zs"), ("multi_teacher", "vanilla"))
+        for t in ("zero-shot avg", "supervised avg")]
+    for c in r["comparisons"]:
+        assert c["seeds"] == [0, 1] and c["sentences"] == 20 and c["low"] <= c["difference"] <= c["high"]
+        assert c["difference"] == pytest.approx(r["mean"][c["method"]][c["test"]] - r["mean"][c["baseline"]][c["test"]])
+        assert f"| {c['method']} | {c['baseline']} | {c['test']} | {c['difference']:+.1f} |" in md
     m, _ = load_mblm(out / "mblm")
     assert m.langs == ["eng_Latn", "fra_Latn"] and len(m.branches) == 2
 

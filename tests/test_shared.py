@@ -190,11 +190,17 @@ def test_write_results_schema(tmp_path):
     per_seed = {1: {"m": {"deu": 1.0}}, 2: {"m": {"deu": 3.0}}}
     ev.write_results(args, "x.py", "A. Author (2020)", per_seed, ["| t |"], {"log": [1]}, torch.device("cpu"), time.time())
     res = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert list(res) == ["script", "paper", "command", "config", "seeds", "results", "mean", "std", "units",
-                         "hardware", "seconds", "details"]
+    assert list(res) == ["script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons",
+                         "units", "hardware", "seconds", "details"]
+    assert res["comparisons"] == []
     assert res["command"] == f"python x.py --out_dir {tmp_path / 'o'} --seeds 1 2" and "argv" not in res["config"]
     assert res["seeds"] == [1, 2] and res["results"]["2"] == {"m": {"deu": 3.0}} and res["mean"] == {"m": {"deu": 2.0}}
     assert (tmp_path / "o" / "results.md").read_text() == "| t |\n"
+    rows = ev.compare({"m": {1: {"deu": "10"}}, "b": {1: {"deu": "00"}}}, [("m", "b", "deu", ["deu"])])
+    ev.write_results(args, "x.py", "A. Author (2020)", per_seed, ["| t |"], {}, torch.device("cpu"), time.time(),
+                     comparisons=rows)
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["comparisons"] == rows
+    assert (tmp_path / "o" / "results.md").read_text() == "| t |\n\n" + ev.comparison_table(rows) + "\n"
     with pytest.raises(ValueError):                       # strict JSON: a NaN reaching a writer is a bug
         ev.write_json(tmp_path / "o" / "results.json", {"m": float("nan")})
     assert json.loads((tmp_path / "o" / "results.json").read_text())["seeds"] == [1, 2]    # the file is intact

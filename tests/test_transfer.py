@@ -387,8 +387,8 @@ def test_bad_input_gives_one_line_errors(data_dir, tmp_path):
         transfer.main(["--parallel", str(bad), "--no_sib_bitext", "--data_dir", str(data_dir)])
 
 
-SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "units", "hardware", "seconds",
-          "details"}
+SCHEMA = {"script", "paper", "command", "config", "seeds", "results", "mean", "std", "comparisons", "units", "hardware",
+          "seconds", "details"}
 
 
 def test_end_to_end_on_tiny_models(data_dir, tiny_checkpoint, tmp_path):
@@ -425,6 +425,14 @@ def test_end_to_end_on_tiny_models(data_dir, tiny_checkpoint, tmp_path):
     acc = evaluate.sib200_scores(enc, head, tok, data_dir, ["fra_Latn"], torch.device("cpu"), limit=60)["fra_Latn"]
     assert acc == pytest.approx(scores["RAMEN init"]["fra_Latn"])
     assert cfg["xlt_transfer"]["lang"] == "fra_Latn"
+    # paired bootstrap CIs: RAMEN init minus random init, and minus the English model (no transfer)
+    md = (out / "results.md").read_text()
+    assert [(c["method"], c["baseline"], c["test"]) for c in res["comparisons"]] == [
+        ("RAMEN init", "random init", "fra_Latn"), ("RAMEN init", "English model, no transfer", "fra_Latn")]
+    for c in res["comparisons"]:
+        assert c["difference"] == pytest.approx(scores[c["method"]]["fra_Latn"] - scores[c["baseline"]]["fra_Latn"])
+        assert c["low"] <= c["difference"] <= c["high"] and c["sentences"] == 60
+        assert f"| {c['method']} | {c['baseline']} | fra_Latn | {c['difference']:+.1f} |" in md
 
 
 def test_two_languages_and_two_seeds(data_dir, tiny_checkpoint, tmp_path):
@@ -443,3 +451,6 @@ def test_two_languages_and_two_seeds(data_dir, tiny_checkpoint, tmp_path):
         english = [runs[f"{lang}, seed {seed}"]["ramen fine-tune"]["eng_Latn"] for lang in ("fra_Latn", "deu_Latn")]
         assert row["eng_Latn"] == pytest.approx(sum(english) / 2)      # the mean over the per-language models
     assert res["std"]["RAMEN init"]["fra_Latn"] is not None and "±" in (out / "results.md").read_text()
+    assert [(c["baseline"], c["test"], c["seeds"], c["sentences"]) for c in res["comparisons"]] == [
+        (b, t, [0, 1], n) for b in ("random init", "English model, no transfer")
+        for t, n in (("fra_Latn", 20), ("deu_Latn", 20), ("zero-shot avg", 40))]
