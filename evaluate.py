@@ -595,16 +595,20 @@ def check_max_len(max_len, encoder, name):
 
 
 def cli(main):
-    """Run a script's main: bad input (XltError) and a full or read-only disk end in one line on stderr and exit
+    """Run a script's main: bad input (XltError), a full or read-only disk, and a file system's refusal of a named
+    file (permission denied, a folder where a file belongs, a symlink loop, ...) end in one line on stderr and exit
     status 1; Ctrl-C in one line saying what was kept and how to resume, exit status 130."""
     try:
         main()
     except XltError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):      # a full or read-only disk mid-run
+        path = e.filename2 or e.filename      # of a rename, the destination
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):          # a full or read-only disk mid-run
+            sys.exit(f"error: cannot write {path or 'the output'} ({e.strerror}); {kept()}")
+        if not path:                          # names no file: a bug, which keeps its traceback
             raise
-        sys.exit(f"error: cannot write {e.filename or 'the output'} ({e.strerror}); {kept()}")
+        sys.exit(f"error: {path}: {e.strerror}; {kept()}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: {kept()}", file=sys.stderr)
         sys.exit(130)
