@@ -87,7 +87,7 @@ def predict(encoder, head, examples, pad_id, device, batch_size=64):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                out = head(h, batch["attention_mask"]).argmax(-1).tolist()
+                out = model.finite(head(h, batch["attention_mask"]), "the model's outputs").argmax(-1).tolist()
             for i, p in zip(idx, out):
                 preds[i] = p[:len(examples[i]["input_ids"])] if isinstance(p, list) else p
     return preds
@@ -166,6 +166,7 @@ def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=Fa
                              output_hidden_states=all_layers)
             for layer, h in enumerate(hs if all_layers else [hs]):
                 out[layer, idx] = model.mean_pool(h.float(), batch["attention_mask"]).cpu()
+    model.finite(out, "the sentence vectors")
     return out if all_layers else out[0]
 
 

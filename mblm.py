@@ -237,7 +237,7 @@ def predict(m, examples, lang, pad_id, device):
             batch = collate([examples[i] for i in idx], pad_id, device)
             with model.autocast(device):
                 out[idx] = m(batch, lang).float().cpu()
-    return out
+    return model.finite(out, f"the {lang} branch's outputs")
 
 
 def accuracies(m, sets, pad_id, device):

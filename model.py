@@ -951,6 +951,15 @@ class LossLog:
         return means
 
 
+def finite(t, what):
+    """t, unless it holds a NaN or an infinity (a diverged model: one step at a huge lr leaves finite weights whose
+    outputs overflow, and argmax(NaN) = class 0 would look like a score): then an XltError naming `what`."""
+    if not torch.isfinite(t).all():
+        raise XltError(f"{Path(sys.argv[0]).name}: {what} are NaN or infinite (the model diverged, or its checkpoint "
+                       "is damaged); nothing of it is scored or saved (try a lower learning rate)")
+    return t
+
+
 def trainable_state(*modules):
     """A copy of every trainable tensor (the best epoch so far); frozen ones cannot change."""
     return [(p, p.detach().clone()) for m in modules for p in m.parameters() if p.requires_grad]
