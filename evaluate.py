@@ -438,7 +438,7 @@ class RunFolder:
             shutil.rmtree(self.units)
             for name in ("results.json", "results.md"):
                 (self.dir / name).unlink(missing_ok=True)
-        theirs = json.loads(path.read_text()) if path.is_file() else None
+        theirs = model.read_json(path) if path.is_file() else None
         if theirs == mine:
             return
         if theirs and any(p.name != "run.json" for p in self.units.glob("*.json")):     # finished units
@@ -469,7 +469,7 @@ class RunFolder:
         path = self.units / f"{unit}.json"
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
+        record = model.read_json(path)          # records are written atomically: a bad one was damaged
         if (self.units / f"{unit}.safetensors").is_file():
             record["tensors"] = model.read_safetensors(self.units / f"{unit}.safetensors")
         print(f"[{self.script}] {unit}: finished in an earlier run, skipped ({path})")

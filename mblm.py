@@ -34,7 +34,6 @@ classifier per branch that model.load_with_head loads, with OUT_DIR/mblm/mblm.js
 """
 import copy
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -315,7 +314,7 @@ class Checkpoint:
     def __init__(self, name, args, data_dir, device):
         self.name, self.args, self.data_dir, self.device, self.sets = name, args, data_dir, device, {}
         path = model.resolve_checkpoint(name)
-        if path.is_dir() and "xlt_head" in json.loads((path / "config.json").read_text()):
+        if path.is_dir() and "xlt_head" in model.read_json(path / "config.json"):
             self.encoder, self.head, _ = model.load_with_head(path, dropout=args.dropout)
             if (self.head.describe()["type"], self.head.num_labels) != ("sequence", len(data.SIB200_LABELS)):
                 raise XltError(f"--teachers {name}: its head is not a {len(data.SIB200_LABELS)}-way SIB-200 classifier")
