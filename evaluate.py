@@ -533,9 +533,10 @@ device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) i
                        "device (auto, cpu, cuda or cuda:N)")
 # A path or hub name: '' would silently mean the current folder (--out_dir) or $XLT_DATA (--data_dir).
 nonempty = _checked(str, lambda v: v.strip() != "", "non-empty path or name")
-# --langs and friends: 'a,b' (or 'all'); '' or an empty entry ('a,,b') is a typo, not the default.
-name_list = _checked(str, lambda v: all(x.strip() for x in v.split(",")), "comma-separated list without empty "
-                     "entries")
+# --langs and friends: 'a,b' (or 'all'); '' or an empty entry ('a,,b') is a typo, not the default, and a repeated
+# one ('eng_Latn,eng_Latn') would be trained or scored twice and weigh twice in an average.
+name_list = _checked(str, lambda v: all(x.strip() for x in v.split(",")) and len({x.strip() for x in v.split(",")})
+                     == len(v.split(",")), "comma-separated list without empty or repeated entries")
 
 
 def parser(doc):
