@@ -326,9 +326,6 @@ class Checkpoint:
         L = self.encoder.config.num_hidden_layers
         if args.branch_layers > L:
             raise XltError(f"--branch_layers {args.branch_layers}: {name} has only {L} blocks")
-        if args.train_layers > L:
-            raise XltError(f"--train_layers {args.train_layers}: {name} has only {L} blocks (--train_layers {L} "
-                           "trains them all)")
         self.frozen = max(0, L - args.train_layers)
         if args.train_embeddings and self.frozen:
             raise XltError(f"--train_embeddings: {name} has {L} blocks; with --train_layers {args.train_layers} the "

@@ -278,15 +278,6 @@ def test_bad_arguments(data_dir):
         mblm.main(["--data_dir", str(data_dir), "--teachers", "eng_Latn=/nonexistent", "--variants", "mblm"])
 
 
-def test_train_layers_beyond_the_model(tiny_checkpoint, data_dir, tmp_path):
-    """More blocks than the model has is a typo, not 'all of them' (as --branch_layers)."""
-    student = tiny_checkpoint("student", layers=3)
-    with pytest.raises(XltError, match=f"^--train_layers 9: {student} has only 3 blocks"):
-        mblm.main(["--data_dir", str(data_dir), "--student", str(student), "--teachers", f"eng_Latn={student},"
-                   f"fra_Latn={student}", "--langs", "eng_Latn,fra_Latn", "--train_layers", "9", "--branch_layers", "1",
-                   "--out_dir", str(tmp_path / "out"), "--limit", "8", "--eval_limit", "4", "--device", "cpu"])
-
-
 def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
     """main() on tiny random models, two seeds: one plain teacher (fine-tuned here) and one saved
     classifier (used as is)."""
