@@ -433,7 +433,12 @@ def tatoeba_languages(data_dir):
 def read_tatoeba(data_dir, lang):
     """(foreign sentences, English sentences), line-aligned: foreign[i] translates english[i] (LASER's
     Tatoeba: up to 1,000 pairs per language)."""
-    pairs = read_parallel(*[_dataset_file(data_dir, "tatoeba", f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")])
+    paths = [_dataset_file(data_dir, "tatoeba", f"tatoeba.{lang}-eng.{side}") for side in (lang, "eng")]
+    pairs = read_parallel(*paths)
+    for n, pair in enumerate(pairs, 1):
+        for path, sentence in zip(paths, pair):
+            if not sentence.strip():
+                raise DataError(f"{path} line {n}: an empty sentence (the two files must pair line by line)")
     return [x for x, _ in pairs], [e for _, e in pairs]
 
 
@@ -561,24 +566,17 @@ def read_pair_tsv(path):
 
 
 def read_parallel(path_a, path_b=None):
-    """[(a, b)] from two line-aligned files, or from one TSV file with two columns. A pair with an empty side
-    is an error (a sentence lost in one file shifts every pair after it)."""
+    """[(a, b)] from two line-aligned files, or from one TSV file with two columns."""
     if path_b is not None:
         a, b = _lines(path_a), _lines(path_b)
         if len(a) != len(b):
             raise DataError(f"{path_a} has {len(a)} lines but {path_b} has {len(b)}: they must be line-aligned")
-        pairs = list(zip(a, b))
-    else:
-        pairs = [tuple(line.split("\t")) for line in _lines(path_a)]
-        for n, cols in enumerate(pairs, 1):
-            if len(cols) != 2:
-                raise DataError(f"{path_a} line {n}: expected 2 tab-separated columns, got {len(cols)}")
-    for n, pair in enumerate(pairs, 1):
-        for side, (path, sentence) in enumerate(zip((path_a, path_b or path_a), pair)):
-            if not sentence.strip():
-                where = f"{path} line {n}" + ("" if path_b else f", column {side + 1}")
-                raise DataError(f"{where}: an empty sentence (a pair needs both sides)")
-    return pairs
+        return list(zip(a, b))
+    rows = [line.split("\t") for line in _lines(path_a)]
+    for n, cols in enumerate(rows, 1):
+        if len(cols) != 2:
+            raise DataError(f"{path_a} line {n}: expected 2 tab-separated columns, got {len(cols)}")
+    return [(a, b) for a, b in rows]
 
 
 def read_mono(path):

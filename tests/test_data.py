@@ -275,9 +275,6 @@ def test_tatoeba_empty_sides(tmp_path):
     write(b, "one\ntwo\n")
     with pytest.raises(DataError, match=f"^{a} line 2: an empty sentence"):
         data.read_tatoeba(tmp_path, "xyz")
-    tsv = write(tmp_path / "bitext.tsv", "the house\tla maison\n \tle chat\n")     # transfer/align --parallel
-    with pytest.raises(DataError, match=f"^{tsv} line 2, column 1: an empty sentence"):
-        data.read_parallel(tsv)
 
 
 def test_nusax(data_dir, tmp_path):
