@@ -140,7 +140,7 @@ def load_tokenizer(name_or_dir):
         # Some files carry fixed padding/truncation (all-MiniLM pads everything to 128); we pad per batch.
         tok.no_padding()
         tok.no_truncation()
-        return tok
+        return _fits(tok, path, "tokenizer.json")
     if (path / "vocab.txt").exists():
         config = path / "tokenizer_config.json"
         lowercase = read_json(config).get("do_lower_case", True) if config.exists() else True
@@ -153,8 +153,18 @@ def load_tokenizer(name_or_dir):
         lacks = [t for t in ("[UNK]", "[CLS]", "[SEP]") if t not in vocab]
         if lacks:
             raise CheckpointError(f"{path / 'vocab.txt'}: " + ("empty" if vocab <= {""} else "no " + ", ".join(lacks)))
-        return wordpiece_tokenizer(path / "vocab.txt", lowercase=lowercase)
+        return _fits(wordpiece_tokenizer(path / "vocab.txt", lowercase=lowercase), path, "vocab.txt")
     raise CheckpointError(f"{path}: no tokenizer.json or vocab.txt")
+
+
+def _fits(tok, path, name):
+    """tok, unless it has ids beyond the checkpoint's embedding table (config.json's vocab_size), which would
+    fail in the middle of a run on the first sentence holding such a token."""
+    rows = read_json(path / "config.json").get("vocab_size")
+    if type(rows) is int and tok.get_vocab_size() > rows:
+        raise CheckpointError(f"{path / name}: {tok.get_vocab_size()} tokens, but the model's vocab_size is {rows} "
+                              f"(config.json): the tokenizer belongs to another model")
+    return tok
 
 
 # -------------------- where the data lives ---------------------------------------------------------
@@ -328,6 +338,8 @@ def _csv_rows(path, header, delimiter, multiline=False):
                 raise DataError(f"{where}: expected the header {delimiter.join(header)!r}, got {delimiter.join(row)!r}")
             if row and len(row) != len(header):
                 raise DataError(f"{where}: expected {len(header)} columns ({', '.join(header)}), got {len(row)}")
+            if rows and row and (blank := [h for h, field in zip(header, row) if not field.strip()]):
+                raise DataError(f"{where}: the {blank[0]!r} field is empty")     # an empty text still gets a score
             if row:
                 rows.append((start, row))
             start = reader.line_num + 1

@@ -157,7 +157,7 @@ def predict(clf, examples, pad_id, device, rank=0, world=1, batch_size=64):
             with model.autocast(device):
                 out_logits, out_z = clf(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
             logits[batch["index"]], z[batch["index"]] = out_logits.float(), out_z.float()
-    return model.all_reduce_sum(logits), model.all_reduce_sum(z)
+    return model.finite(model.all_reduce_sum(logits), "the classifier's outputs"), model.all_reduce_sum(z)
 
 
 def score(clf, examples, pad_id, metric, device, rank=0, world=1, outcomes=False):

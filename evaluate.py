@@ -88,7 +88,7 @@ def predict(encoder, head, examples, pad_id, device, batch_size=64):
             batch = data.to_device(data.pad_batch([examples[i] for i in idx], pad_id), device)
             with model.autocast(device):
                 h = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                out = head(h, batch["attention_mask"]).argmax(-1).tolist()
+                out = model.finite(head(h, batch["attention_mask"]), "the model's outputs").argmax(-1).tolist()
             for i, p in zip(idx, out):
                 preds[i] = p[:len(examples[i]["input_ids"])] if isinstance(p, list) else p
     return preds
@@ -183,6 +183,7 @@ def embed(encoder, tok, texts, device, batch_size=64, max_len=128, all_layers=Fa
                              output_hidden_states=all_layers)
             for layer, h in enumerate(hs if all_layers else [hs]):
                 out[layer, idx] = model.mean_pool(h.float(), batch["attention_mask"]).cpu()
+    model.finite(out, "the sentence vectors")
     return out if all_layers else out[0]
 
 
@@ -520,7 +521,7 @@ class RunFolder:
             shutil.rmtree(self.units)
             for name in ("results.json", "results.md"):
                 (self.dir / name).unlink(missing_ok=True)
-        theirs = json.loads(path.read_text()) if path.is_file() else None
+        theirs = model.read_json(path) if path.is_file() else None
         if theirs == mine:
             return
         if theirs and any(p.name != "run.json" for p in self.units.glob("*.json")):     # finished units
@@ -551,7 +552,7 @@ class RunFolder:
         path = self.units / f"{unit}.json"
         if not path.is_file():
             return None
-        record = json.loads(path.read_text())
+        record = model.read_json(path)          # records are written atomically: a bad one was damaged
         if (self.units / f"{unit}.safetensors").is_file():
             record["tensors"] = model.read_safetensors(self.units / f"{unit}.safetensors")
         print(f"[{self.script}] {unit}: finished in an earlier run, skipped ({path})")
@@ -615,9 +616,10 @@ device_name = _checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) i
                        "device (auto, cpu, cuda or cuda:N)")
 # A path or hub name: '' would silently mean the current folder (--out_dir) or $XLT_DATA (--data_dir).
 nonempty = _checked(str, lambda v: v.strip() != "", "non-empty path or name")
-# --langs and friends: 'a,b' (or 'all'); '' or an empty entry ('a,,b') is a typo, not the default.
-name_list = _checked(str, lambda v: all(x.strip() for x in v.split(",")), "comma-separated list without empty "
-                     "entries")
+# --langs and friends: 'a,b' (or 'all'); '' or an empty entry ('a,,b') is a typo, not the default, and a repeated
+# one ('eng_Latn,eng_Latn') would be trained or scored twice and weigh twice in an average.
+name_list = _checked(str, lambda v: all(x.strip() for x in v.split(",")) and len({x.strip() for x in v.split(",")})
+                     == len(v.split(",")), "comma-separated list without empty or repeated entries")
 
 
 def parser(doc):
@@ -679,16 +681,20 @@ def check_max_len(max_len, encoder, name):
 
 
 def cli(main):
-    """Run a script's main: bad input (XltError) and a full or read-only disk end in one line on stderr and exit
+    """Run a script's main: bad input (XltError), a full or read-only disk, and a file system's refusal of a named
+    file (permission denied, a folder where a file belongs, a symlink loop, ...) end in one line on stderr and exit
     status 1; Ctrl-C in one line saying what was kept and how to resume, exit status 130."""
     try:
         main()
     except XltError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):      # a full or read-only disk mid-run
+        path = e.filename2 or e.filename      # of a rename, the destination
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):          # a full or read-only disk mid-run
+            sys.exit(f"error: cannot write {path or 'the output'} ({e.strerror}); {kept()}")
+        if not path:                          # names no file: a bug, which keeps its traceback
             raise
-        sys.exit(f"error: cannot write {e.filename or 'the output'} ({e.strerror}); {kept()}")
+        sys.exit(f"error: {path}: {e.strerror}; {kept()}")
     except KeyboardInterrupt:
         print(f"\ninterrupted: {kept()}", file=sys.stderr)
         sys.exit(130)

@@ -40,7 +40,6 @@ classifier per branch that model.load_with_head loads, with OUT_DIR/mblm/mblm.js
 """
 import copy
 import itertools
-import json
 import math
 import time
 from pathlib import Path
@@ -243,7 +242,7 @@ def predict(m, examples, lang, pad_id, device):
             batch = collate([examples[i] for i in idx], pad_id, device)
             with model.autocast(device):
                 out[idx] = m(batch, lang).float().cpu()
-    return out
+    return model.finite(out, f"the {lang} branch's outputs")
 
 
 def accuracies(m, sets, pad_id, device, outcomes=False):
@@ -325,7 +324,7 @@ class Checkpoint:
         """layers: keep only the bottom blocks (--student_layers; model.keep_layers)."""
         self.name, self.args, self.data_dir, self.device, self.sets = name, args, data_dir, device, {}
         path = model.resolve_checkpoint(name)
-        if path.is_dir() and "xlt_head" in json.loads((path / "config.json").read_text()):
+        if path.is_dir() and "xlt_head" in model.read_json(path / "config.json"):
             self.encoder, self.head, _ = model.load_with_head(path, dropout=args.dropout)
             if (self.head.describe()["type"], self.head.num_labels) != ("sequence", len(data.SIB200_LABELS)):
                 raise XltError(f"--teachers {name}: its head is not a {len(data.SIB200_LABELS)}-way SIB-200 classifier")

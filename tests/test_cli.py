@@ -73,7 +73,7 @@ def test_every_runnable_file_answers_help():
 COMMON_BAD = [("--lr", "-1e-4"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--max_len", "-5"),
               ("--max_len", "0"), ("--langs", ""), ("--langs", "deu_Latn,,fra_Latn"), ("--out_dir", ""),
               ("--data_dir", ""), ("--device", "gpu"), ("--device", "mps"), ("--weight_decay", "-1"),
-              ("--dropout", "1"), ("--epochs", "0"), ("--limit", "0")]
+              ("--dropout", "1"), ("--epochs", "0"), ("--limit", "0"), ("--langs", "eng_Latn,deu_Latn,eng_Latn")]
 OWN_BAD = {"distill": [("--temperature", "0"), ("--alpha", "nan"), ("--student", "")],
            "mblm": [("--classifier_lr", "-1"), ("--classifier_lr", "0"), ("--teachers", ""), ("--zs_weight", "-inf")],
            "continual": [("--mlm_head_lr", "-1"), ("--memory_langs", ""), ("--mlm_prob", "0"), ("--model", "")],

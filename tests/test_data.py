@@ -198,6 +198,7 @@ def test_sib200_stray_quote_names_the_line_it_starts(tmp_path, body, message):
     ("1\tsports\tok\n2\tcooking\tpasta\n", "line 3: unknown category 'cooking' (expected one of entertainment"),
     ("x1\tsports\tok\n", "line 2: index_id must be a non-negative integer, got 'x1'"),
     ("1\tsports\tok\textra\n", "line 2: expected 3 columns (index_id, category, text), got 4"),
+    ("1\tsports\tok\n2\tsports\t \n", "line 3: the 'text' field is empty"),      # would still get a prediction
 ])
 def test_sib200_malformed(tmp_path, body, message):
     path = write(tmp_path / "sib200" / "xx_Latn" / "train.tsv", SIB_HEADER + body)

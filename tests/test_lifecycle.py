@@ -74,6 +74,26 @@ def test_a_diverged_run_stops_with_one_line_and_publishes_nothing(distill_argv, 
     assert not list((out / "units").glob("seed*"))
 
 
+def test_a_run_diverged_by_its_last_step_publishes_nothing(distill_argv, tmp_path):
+    """One step at a huge lr: its loss (measured before the update) is finite, the weights after it are too, but
+    the outputs overflow. Scoring them would give argmax(NaN) = class 0 as a result; the run stops instead."""
+    out = tmp_path / "out"
+    status, msg = cli_error(distill.main, distill_argv(out, "--lr", "1e30", "--limit", "8"))
+    assert status == 1 and "\n" not in msg
+    assert msg.startswith("error: ") and "outputs are NaN or infinite" in msg
+    assert not (out / "results.json").exists() and not (out / "teacher").exists()
+    assert not list((out / "units").glob("seed*"))
+
+
+def test_a_damaged_record_in_the_run_folder_is_one_line(distill_argv, tmp_path):
+    out = tmp_path / "out"
+    (out / "units").mkdir(parents=True)
+    (out / "units" / "run.json").write_text("[")                   # damaged outside xlt: records are atomic
+    status, msg = cli_error(distill.main, distill_argv(out, "--no_save"))
+    assert status == 1 and msg == f"error: {out / 'units' / 'run.json'}: not valid JSON (Expecting value: line 1 " \
+                                  "column 2 (char 1))"
+
+
 def test_a_second_run_on_a_folder_in_use_is_refused(distill_argv, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

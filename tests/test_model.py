@@ -291,7 +291,8 @@ def test_shape_mismatch_names_tensor_and_shapes(good_dir):
     cfg = json.loads((good_dir / "config.json").read_text())
     cfg["intermediate_size"] = 12
     (good_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"tensor 'layers.0.ffn_in.weight' has shape \(8, 8\), config expects \(12, 8\)"):
+    with pytest.raises(CheckpointError, match=r"tensor intermediate.dense has shape \(8, 8\), but the config's "
+                                              r"intermediate_size and hidden_size make it \(12, 8\)"):
         Encoder.from_pretrained(good_dir)
 
 

@@ -221,7 +221,7 @@ def test_common_flags_are_checked_by_argparse(flag, value, capsys):
     assert e.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_cli_makes_a_full_disk_one_line_and_keeps_other_os_errors(monkeypatch):
+def test_cli_makes_os_errors_on_named_files_one_line_and_keeps_others(monkeypatch):
     monkeypatch.setattr(ev.RunFolder, "active", None)
 
     def full():
@@ -230,10 +230,15 @@ def test_cli_makes_a_full_disk_one_line_and_keeps_other_os_errors(monkeypatch):
                                          r"nothing was written$"):
         ev.cli(full)
 
-    def missing():
-        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
-    with pytest.raises(FileNotFoundError):          # not an output problem: a bug keeps its traceback
-        ev.cli(missing)
+    def replace_onto_a_folder():                    # os.replace(tmp, path): the destination is the culprit
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", ".r.json.x1.tmp", None, "out/r.json")
+    with pytest.raises(SystemExit, match=r"^error: out/r.json: Is a directory; nothing was written$"):
+        ev.cli(replace_onto_a_folder)
+
+    def unnamed():
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    with pytest.raises(OSError):                    # names no file: a bug keeps its traceback
+        ev.cli(unnamed)
 
 
 def test_save_pretrained_over_a_stale_old_folder(tiny_checkpoint, tmp_path):
