@@ -703,8 +703,10 @@ def cli(main):
 def kept():
     """What an ended run leaves: its finished units, which the same command resumes from."""
     run = RunFolder.active
-    return (f"{len(run.progress()['done'])} finished units kept in {run.dir}; the same command resumes"
-            if run else "nothing was written")
+    if run is None:
+        return "nothing was written"
+    n = len(run.progress()["done"])
+    return f"{n} finished unit{'' if n == 1 else 's'} kept in {run.dir}; the same command resumes"
 
 
 # -------------------- Languages and prefixes -----------------------------------------------------

@@ -172,7 +172,7 @@ def test_ctrl_c_keeps_the_finished_units_and_says_how_to_resume(distill_argv, tm
     out = tmp_path / "out"
     r = run_with_signal("distill.py", distill_argv(out), at=4, signal="SIGINT")   # in the baseline's save
     assert r.returncode == 130
-    assert r.stderr.strip().splitlines()[-1] == (f"interrupted: 1 finished units kept in {out}; "
+    assert r.stderr.strip().splitlines()[-1] == (f"interrupted: 1 finished unit kept in {out}; "
                                                  "the same command resumes")
     assert strict_json(out / "results.json")["units"]["done"] == ["seed1-teacher"]
     assert sorted(p.name for p in out.iterdir()) == [".lock", "results.json", "results.md", "teacher", "units"]
