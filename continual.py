@@ -271,6 +271,7 @@ def finetune(enc, head, method, train, dev, memory, tok, args, device, seed=0):
                 tqdm.write(f"[{method}] step {step}/{total}: " + ", ".join(f"{k} {v:.3f}" for k, v in log[-1].items()))
                 log[-1]["step"] = step
             if step % eval_every == 0 or step == total:
+                losses.check()                      # divergence: reported with its step, before scoring
                 acc = evaluate.pos_accuracy(enc, head, tok, dev, device)
                 history.append({"step": step, "dev": acc})
                 tqdm.write(f"[{method}] step {step}: EWT dev UPOS accuracy {acc:.2f}")

@@ -217,6 +217,7 @@ def train(clf, enc, method, targets, args, device, rank, world, seed, metric):
                 log["loss"].append([step, round(mean, 5)])
                 if rank == 0:
                     tqdm.write(f"[{method}] step {step}/{total}  loss {mean:.4f}  lr {lr:.2e}")
+        losses.check()                                     # divergence: reported with its step, before scoring
         dev = score(clf, enc["dev"], pad, metric, device, rank, world)
         log["dev_curve"].append(round(dev, 2))
         if rank == 0:

@@ -260,6 +260,7 @@ def finetune(encoder, tok, train_rows, dev_rows, args, device, seed, prefix="", 
             if (mean := losses.add(loss)) is not None:
                 log["loss"].append([step, round(mean[0], 4)])
                 tqdm.write(f"[{desc}] step {step}/{total}  loss {mean[0]:.4f}  lr {lr:.2e}")
+        losses.check()                                  # divergence: reported with its step, before scoring
         dev_acc = accuracy(predict(encoder, head, dev, pad, device), [ex["label"] for ex in dev])
         log["dev_curve"].append(round(dev_acc, 2))
         tqdm.write(f"[{desc}] epoch {epoch + 1}: dev accuracy {dev_acc:.1f}")

@@ -293,6 +293,7 @@ def train(m, train_sets, dev_sets, args, device, pad_id, seed, alpha=0.0, zs_wei
             if (window := losses.add(loss)) is not None:
                 log["loss"].append([step, round(window[0], 4)])
                 tqdm.write(f"[{desc}] step {step}/{total}  loss {window[0]:.4f}")
+        losses.check()                                  # divergence: reported with its step, before scoring
         dev = accuracies(m, dev_sets, pad_id, device)
         mean = sum(dev.values()) / len(dev)
         log["dev"].append({"epoch": epoch + 1, **{k: round(v, 2) for k, v in dev.items()}, "mean": round(mean, 2)})

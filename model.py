@@ -957,10 +957,19 @@ class LossLog:
             return None
         means, self.sums, self.n = (self.sums / self.n).tolist(), 0, 0
         if not all(math.isfinite(m) for m in means):
-            lr = f", peak lr {self.opt.param_groups[0]['peak_lr']:g}" if self.opt else ""
-            raise XltError(f"{Path(sys.argv[0]).name} {self.what}: the loss is {means[0]} by step {self.step}/"
-                           f"{self.total}{lr}; stopped, nothing of it saved (try a lower learning rate)")
+            self.stop(means[0])
         return means
+
+    def check(self):
+        """Before an evaluation inside the loop: stop if the open window's loss is already not finite (one sync),
+        so that divergence is reported with its step and learning rate rather than as NaN outputs."""
+        if self.n and not bool(torch.isfinite(self.sums).all()):
+            self.stop((self.sums[0] / self.n).item())
+
+    def stop(self, loss):
+        lr = f", peak lr {self.opt.param_groups[0]['peak_lr']:g}" if self.opt else ""
+        raise XltError(f"{Path(sys.argv[0]).name} {self.what}: the loss is {loss} by step {self.step}/{self.total}"
+                       f"{lr}; stopped, nothing of it saved (try a lower learning rate)")
 
 
 def finite(t, what):

@@ -60,6 +60,12 @@ def test_loss_log_stops_on_a_non_finite_window():
     with pytest.raises(model.XltError, match="stage A: the loss is inf by step 1/10"):   # a window left open
         log.finish()
     assert log.finish() is None
+    log = model.LossLog(every=10, total=20, what="baseline")   # an evaluation before the window closes
+    log.add(torch.tensor(1.0))
+    log.check()                                                # finite so far: nothing happens, the window stays
+    log.add(torch.tensor(float("nan")))
+    with pytest.raises(model.XltError, match="baseline: the loss is nan by step 2/20"):
+        log.check()
 
 
 def test_trainable_state_restores_only_trainable_tensors():
