@@ -20,6 +20,13 @@ def xlt_cache(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture(autouse=True)
+def in_own_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder, so a script's default --out_dir (out/NAME) never lands in the
+    repo, nor finds there the outputs of an earlier run (which the run folder would refuse)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def device():
     """The device the end-to-end tests pass as --device: $XLT_TEST_DEVICE, default cpu (never 'auto', so a

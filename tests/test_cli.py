@@ -95,7 +95,7 @@ def test_flags_out_of_range_are_argparse_errors(name, flag, value, capsys):
     assert f"error: argument {flag}: {value!r} is not a" in capsys.readouterr().err
 
 
-def test_max_len_beyond_the_position_table_is_one_line_right_after_loading(tiny_checkpoint, data_dir):
+def test_max_len_beyond_the_position_table_is_one_line_right_after_loading(tiny_checkpoint, data_dir, tmp_path):
     import distill
     import evaluate
     from model import XltError
@@ -104,7 +104,7 @@ def test_max_len_beyond_the_position_table_is_one_line_right_after_loading(tiny_
         evaluate.main(["--model", ckpt, "--task", "tatoeba", "--max_len", "300", "--data_dir", str(data_dir)])
     with pytest.raises(XltError, match=f"^--max_len 257: {ckpt} has 256 positions"):
         distill.main(["--teacher", ckpt, "--student", ckpt, "--max_len", "257", "--limit", "8",
-                      "--data_dir", str(data_dir), "--no_save"])
+                      "--data_dir", str(data_dir), "--no_save", "--out_dir", str(tmp_path / "out")])
 
     class Stub:                                                # RoBERTa: real tokens from pad + 1 = 2 on
         config = __import__("model").Config(model_type="xlm-roberta", max_position_embeddings=514, pad_token_id=1)
