@@ -111,6 +111,8 @@ def corpora(args, lang):
               for split in (("train", "dev", "test") if args.no_sib_bitext else ("test",))
               for r in data.read_sib200(args.data_dir, x, split)}
     clean = list(dict.fromkeys((e.strip(), f.strip()) for e, f in bitext if e.strip() and f.strip()))
+    if len(clean) < len(bitext):
+        print(f"[transfer] {len(bitext) - len(clean)} of {len(bitext)} pairs left out (an empty side or a repeat)")
     kept = data.subset([(e, f) for e, f in clean if e not in scored and f not in scored], args.limit)
     extra = data.subset([s for s in map(str.strip, mono) if s and s not in scored], args.limit)
     if not kept:
@@ -139,7 +141,8 @@ def train_foreign_tokenizer(texts, vocab_size, eng_tok):
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(names.values()),
                                         continuing_subword_prefix="##", show_progress=False)
     learner.train_from_iterator(texts, trainer)
-    # The trainer breaks ties in hash order (a few dozen of 8,000 pieces vary per run): sorted ids keep the rest stable.
+    # The trainer breaks ties in hash order, so the pieces can differ from process to process (a resumed run reuses
+    # the saved tokenizer: main); sorting only makes the ids of one set of pieces canonical.
     learned = sorted(t for t in learner.get_vocab() if t not in names.values())
     V, late = len(learned) + len(names), []                    # late: roles whose id is past the end (or the tail) move
     while moved := [r for r, i in roles.items() if r not in late and i >= V - len(late)]:
@@ -153,6 +156,9 @@ def train_foreign_tokenizer(texts, vocab_size, eng_tok):
     tok.post_processor = processors.TemplateProcessing(single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
                                                        special_tokens=[(cls, ids[cls]), (sep, ids[sep])])
     tok.add_special_tokens(list(names.values()))
+    if len(ids) > vocab_size:          # WordPiece keeps every character it saw, whatever the size asked for
+        print(f"[transfer] --vocab_size {vocab_size}: the foreign text's characters alone need {len(ids)} ids; "
+              f"the foreign vocabulary has {len(ids)}")
     return tok
 
 
