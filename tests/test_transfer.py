@@ -239,6 +239,16 @@ def test_foreign_vocabulary_moves_specials_whose_english_id_is_too_large(tmp_pat
     assert (tok.get_vocab_size() - 1, 500) in [(f[r], e[r]) for r in e]          # the specials RAMEN copies across
 
 
+def test_a_vocab_size_below_the_alphabet_is_said(tmp_path, capsys):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(50)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    eng = data.wordpiece_tokenizer(tmp_path / "vocab.txt", lowercase=True)
+    tok = transfer.train_foreign_tokenizer(["ein kleiner Test", "noch ein Test"] * 10, 5, eng)
+    assert tok.get_vocab_size() > 5
+    need = tok.get_vocab_size()
+    assert f"--vocab_size 5: the foreign text's characters alone need {need} ids" in capsys.readouterr().out
+
+
 def tiny_setup(tiny_checkpoint, seed=0):
     path = tiny_checkpoint()
     enc = model.Encoder.from_pretrained(path, mlm_head=True, verbose=False)
