@@ -65,22 +65,16 @@ def cli_error(main, argv):
     return (1 if isinstance(e.value.code, str) else e.value.code), str(e.value.code)
 
 
-def test_a_diverged_run_stops_with_one_line_and_publishes_nothing(distill_argv, tmp_path):
+@pytest.mark.parametrize("flags, says", [
+    (["--log_every", "1"], "teacher: the loss is nan by step 2/2, peak lr 1e+30;"),
+    # One step at a huge lr: its loss (measured before the update) is finite, the weights after it are too, but the
+    # outputs overflow. Scoring them would give argmax(NaN) = class 0 as a result; the run stops instead.
+    (["--limit", "8"], "outputs are NaN or infinite")], ids=["loss", "outputs after the last step"])
+def test_a_diverged_run_stops_with_one_line_and_publishes_nothing(distill_argv, tmp_path, flags, says):
     out = tmp_path / "out"
-    status, msg = cli_error(distill.main, distill_argv(out, "--lr", "1e30", "--log_every", "1"))
+    status, msg = cli_error(distill.main, distill_argv(out, "--lr", "1e30", *flags))
     assert status == 1 and "\n" not in msg
-    assert msg.startswith("error: ") and "teacher: the loss is nan by step 2/2, peak lr 1e+30;" in msg
-    assert not (out / "results.json").exists() and not (out / "teacher").exists()
-    assert not list((out / "units").glob("seed*"))
-
-
-def test_a_run_diverged_by_its_last_step_publishes_nothing(distill_argv, tmp_path):
-    """One step at a huge lr: its loss (measured before the update) is finite, the weights after it are too, but
-    the outputs overflow. Scoring them would give argmax(NaN) = class 0 as a result; the run stops instead."""
-    out = tmp_path / "out"
-    status, msg = cli_error(distill.main, distill_argv(out, "--lr", "1e30", "--limit", "8"))
-    assert status == 1 and "\n" not in msg
-    assert msg.startswith("error: ") and "outputs are NaN or infinite" in msg
+    assert msg.startswith("error: ") and says in msg
     assert not (out / "results.json").exists() and not (out / "teacher").exists()
     assert not list((out / "units").glob("seed*"))
 
