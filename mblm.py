@@ -468,7 +468,7 @@ def main(argv=None):
                 print(f"[mblm] seed {seed}, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                                   if "avg" in k and v is not None))
                 if not args.no_save and seed == args.seeds[0] and name == saved:
-                    save_mblm(m.cpu(), Path(args.out_dir) / name, student.tok,
+                    save_mblm(m, Path(args.out_dir) / name, student.tok,
                               extra={"variant": name, "seed": seed, "xlt_prefix": student.prefix})
                 del m                                   # before the next variant's copy: one student in memory
                 record = run.finish(f"seed{seed}-{name}", {"row": row, "log": log, "outcomes": tested})
