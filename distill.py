@@ -393,9 +393,12 @@ def main(argv=None):
                       f"vocabulary {c.vocab_size}, prefix {prefixes[role]!r})")
         per_seed, logs, outcomes, best_dev, result = {}, {}, {}, {}, None
         zero_shot = [lang for lang in task["test"] if lang != task["train_lang"]]
+        # the key differences: each approach minus vanilla fine-tuning; and the premise, the teacher minus the
+        # student baseline in the training language (is the teacher really the stronger model there?)
         pairs = [(m, "baseline", name, sets) for m in METHODS[2:] for name, sets in
                  [("zero-shot avg", zero_shot), (task["train_lang"], [task["train_lang"]])]
                  if sets and all(x in task["test"] for x in sets)]
+        pairs += [("teacher", "baseline", x, [x]) for x in [task["train_lang"]] if x in task["test"]]
         run.plan = [f"seed{seed}-{method}" for seed in args.seeds for method in METHODS]
 
         def publish(seed, method, record):          # results.json and .md after every finished unit

@@ -366,8 +366,8 @@ class Checkpoint:
 
 
 def make_teacher(lang, src, args, seed, device):
-    """(teacher logits on lang's train split (N, C), info): a saved classifier as is, else src fine-tuned
-    on lang's SIB-200 train split first (model selection on its dev split)."""
+    """(teacher logits on lang's train split (N, C), info, {lang: test outcomes}): a saved classifier as is, else
+    src fine-tuned on lang's SIB-200 train split first (model selection on its dev split)."""
     t0, m, ex = time.time(), src.fresh(None), src.examples(lang, "train")
     info = {"checkpoint": src.name, "fine_tuned_here": src.head is None}
     if src.head is None:
@@ -375,11 +375,11 @@ def make_teacher(lang, src, args, seed, device):
                             epochs=args.teacher_epochs, desc=f"teacher {lang}")
     logits = predict(m.to(device), ex, lang, src.pad_id, device)
     info["train_accuracy"] = evaluate.accuracy(logits.argmax(-1).tolist(), [e["label"] for e in ex])
-    info.update(test_accuracy=accuracies(m, {lang: src.examples(lang, "test")}, src.pad_id, device)[lang],
-                seconds=round(time.time() - t0, 1))
+    scores, tested = accuracies(m, {lang: src.examples(lang, "test")}, src.pad_id, device, outcomes=True)
+    info.update(test_accuracy=scores[lang], seconds=round(time.time() - t0, 1))
     stand_in = " (a STAND-IN: the student's own multilingual checkpoint)" if src.name == args.student else ""
     print(f"[mblm] teacher {lang} {src.name}{stand_in}: test accuracy {info['test_accuracy']:.1f}")
-    return logits, info
+    return logits, info, tested
 
 
 # -------------------- 6. The experiment -----------------------------------------------------------------
@@ -406,15 +406,17 @@ def main(argv=None):
     if not args.no_save:
         run.need(*[student.encoder] * len(supervised))               # one classifier per branch
     per_seed, details, outcomes = {}, {"supervised": supervised, "zero_shot": zero_shot, "seeds": {}}, {}
+    # the key differences, and the premise: each teacher minus the vanilla student in the teacher's language
     pairs = [(m, b, name, sets) for m, b in (("mblm", "vanilla"), ("mblm", "mblm_no_zs"), ("multi_teacher", "vanilla"))
              for name, sets in (("zero-shot avg", zero_shot), ("supervised avg", supervised)) if sets]
+    pairs += [("teachers", "vanilla", x, [x]) for x in supervised]
     run.plan = [f"seed{seed}-{u}" for seed in args.seeds for u in [f"teacher-{x}" for x in supervised] + args.variants]
     result = None
 
     def publish(seed, name, row, log, tested=None):     # results.json and .md after every finished unit
         nonlocal result
-        if tested:
-            outcomes.setdefault(name, {})[seed] = tested
+        if tested:                                      # the teachers' (one language each) pooled as one row
+            outcomes.setdefault("teachers" if name in teachers else name, {}).setdefault(seed, {}).update(tested)
         rows, logs = per_seed.setdefault(seed, {}), details["seeds"].setdefault(str(seed), {})
         if name in teachers:
             rows.setdefault("teachers", {})[name], logs.setdefault("teachers", {})[name] = row, log
@@ -441,10 +443,10 @@ def main(argv=None):
         for lang, name in teachers.items():
             if (record := run.done(f"seed{seed}-teacher-{lang}")) is None:
                 model.set_seed(seed)
-                logits, info = make_teacher(lang, ckpt[name], args, seed, device)
-                record = run.finish(f"seed{seed}-teacher-{lang}", {"log": info}, {"logits": logits})
+                logits, info, tested = make_teacher(lang, ckpt[name], args, seed, device)
+                record = run.finish(f"seed{seed}-teacher-{lang}", {"log": info, "outcomes": tested}, {"logits": logits})
             soft[lang], teacher_test[lang] = record["tensors"]["logits"].to(device), record["log"]["test_accuracy"]
-            publish(seed, lang, record["log"]["test_accuracy"], record["log"])
+            publish(seed, lang, record["log"]["test_accuracy"], record["log"], record.get("outcomes", {}))
         # 2. The variants: the same student checkpoint, data and soft targets; one set of branches, or none.
         train_sets = {lang: [dict(e, teacher_logits=t) for e, t in zip(student.examples(lang, "train"), soft[lang])]
                       for lang in supervised}

@@ -285,7 +285,7 @@ def test_end_to_end_sib200(tiny_checkpoint, data_dir, tmp_path, device):
     # the key differences with their paired bootstrap CIs: the tables' differences, in results.json and .md
     ci = saved["comparisons"]
     assert [(r["method"], r["test"]) for r in ci] == [(m, t) for m in ("output_distill", "repr_distill")
-                                                      for t in ("zero-shot avg", "eng_Latn")]
+                                                      for t in ("zero-shot avg", "eng_Latn")] + [("teacher", "eng_Latn")]
     for r in ci:
         mean = saved["mean"]
         assert r["baseline"] == "baseline" and r["seeds"] == [1]
@@ -325,7 +325,8 @@ def test_end_to_end_pair_task(tiny_checkpoint, tmp_path):
                            "--epochs", "1", "--batch_size", "4", "--seeds", "1", "2"])
     assert set(result) == SCHEMA and result["seeds"] == [1, 2]
     assert [(r["method"], r["test"], r["seeds"]) for r in result["comparisons"]] == [
-        (m, t, [1, 2]) for m in ("output_distill", "repr_distill") for t in ("zero-shot avg", "en")]
+        (m, t, [1, 2]) for m in ("output_distill", "repr_distill") for t in ("zero-shot avg", "en")] + [
+        ("teacher", "en", [1, 2])]                          # the premise: teacher minus student in English
     assert list(result["mean"]["baseline"]) == ["de", "en", "avg", "zero-shot avg"]   # every test-<lang>.tsv
     assert set(result["results"]) == {"1", "2"}
     assert result["mean"]["teacher"]["zero-shot avg"] == result["mean"]["teacher"]["de"]
@@ -382,7 +383,8 @@ def test_macro_f1_comparisons_say_no_interval(tiny_checkpoint, data_dir, tmp_pat
                            str(data_dir), "--out_dir", str(tmp_path / "out"), "--langs", "english,indonesian",
                            "--limit", "16", "--eval_limit", "8", "--epochs", "1", "--batch_size", "8", "--no_save"])
     assert [(r["method"], r["test"], r["difference"], r["low"], r["note"]) for r in result["comparisons"]] == [
-        (m, t, None, None, "macro-F1 is not a mean over sentences") for m in ("output_distill", "repr_distill")
-        for t in ("zero-shot avg", "english")]
+        (m, t, None, None, "macro-F1 is not a mean over sentences") for m, t in [
+            (m, t) for m in ("output_distill", "repr_distill") for t in ("zero-shot avg", "english")] + [
+            ("teacher", "english")]]
     md = (tmp_path / "out" / "results.md").read_text()
     assert "| - | not computed: macro-F1 is not a mean over sentences | - |" in md

@@ -318,9 +318,10 @@ def test_end_to_end(tiny_checkpoint, data_dir, tmp_path, device):
     # paired bootstrap CIs over test sentences and both seeds: the tables' differences of means
     assert [(c["method"], c["baseline"], c["test"]) for c in r["comparisons"]] == [
         (m, b, t) for m, b in (("mblm", "vanilla"), ("mblm", "mblm_no_zs"), ("multi_teacher", "vanilla"))
-        for t in ("zero-shot avg", "supervised avg")]
-    for c in r["comparisons"]:
-        assert c["seeds"] == [0, 1] and c["sentences"] == 20 and c["low"] <= c["difference"] <= c["high"]
+        for t in ("zero-shot avg", "supervised avg")] + [("teachers", "vanilla", x) for x in ("eng_Latn", "fra_Latn")]
+    for c in r["comparisons"]:                          # the teachers: each on its own language's test set
+        assert c["seeds"] == [0, 1] and c["sentences"] == (10 if c["method"] == "teachers" else 20)
+        assert c["low"] <= c["difference"] <= c["high"]
         assert c["difference"] == pytest.approx(r["mean"][c["method"]][c["test"]] - r["mean"][c["baseline"]][c["test"]])
         assert f"| {c['method']} | {c['baseline']} | {c['test']} | {c['difference']:+.1f} |" in md
     m, _ = load_mblm(out / "mblm")
