@@ -42,7 +42,7 @@ Ours, not the paper's:
     1,000: the numbers are for comparing methods. e5 gets its "query: " prefix for retrieval only.
 
 Run:
-    XLT_DATA=../shared/data python continual.py --method all
+    XLT_DATA=../shared/data python continual.py --method all          # or some: --method naive agem
     python continual.py --method agem --model xlm-roberta-base --limit 12544 --epochs 3 --eval_limit 1000 \\
         --mlm_vocab full --device cuda                                      # with internet and a GPU
 """
@@ -322,7 +322,7 @@ def main(argv=None):
     if not langs or any(lang not in PAIRED for lang in langs):
         raise XltError(f"--langs: {','.join(x for x in langs if x not in PAIRED) or 'empty'}: choose FLORES-200 "
                        f"codes of languages with a Tatoeba and a PUD set: {','.join(PAIRED)}")
-    device, methods = model.pick_device(args.device), list(METHODS) if args.method == "all" else [args.method]
+    device, methods = model.pick_device(args.device), [m for m in METHODS if m in args.method or "all" in args.method]
     run = evaluate.RunFolder(args, "continual.py", selectors=("method",))      # checked and locked before anything else
     run.plan = [f"seed{seed}-{r}" for seed in args.seeds for r in ["before"] + methods]
     memory_langs = evaluate.resolve_langs(args.memory_langs, "sib200", args.data_dir, flag="memory_langs")
@@ -449,7 +449,8 @@ def parse_args(argv=None):
     p.set_defaults(limit=2000)
     p.add_argument("--model", type=evaluate.nonempty, default="intfloat/multilingual-e5-small",
                    help="encoder (hub name or dir)")
-    p.add_argument("--method", default="all", choices=METHODS + ("all",), help="one method, or all four")
+    p.add_argument("--method", nargs="+", default=["all"], choices=METHODS + ("all",), metavar="NAME",
+                   help=f"which of {', '.join(METHODS)} to train (or all); the pre-trained model is always scored")
     p.add_argument("--eval_every", type=evaluate.nonneg_int, default=50, help="steps between EWT-dev "
                    "evaluations (model selection; also after the last step); 0 = once per epoch")
     p.add_argument("--freeze_layers", type=evaluate.nonneg_int, default=6, help="freeze: bottom blocks frozen")

@@ -157,7 +157,7 @@ def test_distill_killed_in_a_save_resumes_to_the_uninterrupted_numbers(distill_a
     final = strict_json(out / "results.json")
     assert final["results"] == json.loads(json.dumps(clean["results"])) and final["units"]["pending"] == []
     # the CIs come from the outcomes kept in the unit records: a resumed run has the same
-    assert final["comparisons"] == json.loads(json.dumps(clean["comparisons"])) and len(final["comparisons"]) == 4
+    assert final["comparisons"] == json.loads(json.dumps(clean["comparisons"])) and len(final["comparisons"]) == 5
     for path in out.rglob("*.json"):
         strict_json(path)
 
