@@ -17,8 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs `script` with its argv in a fresh process whose Nth call of module.function (a writer) first sends the
 # process `signal` (SIGKILL: a crash in the middle of a save; SIGINT: Ctrl-C).
+# A shell that starts the suite in the background (`cmd &`) leaves SIGINT ignored in every child: restore Python's
+# own handler, so that the child sees Ctrl-C as a terminal would deliver it.
 WRAPPER = """
 import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {repo!r})
 import {module}
 calls, real = [0], {module}.{function}
