@@ -26,16 +26,16 @@ Data: SIB-200 (7 topics); supervised = the train splits of the teachers' languag
 other); model selection on their mean dev accuracy; reported: test accuracy on --langs.
 Teachers help only where they know more than the student: the run prints and keeps (the vanilla variant's
 log, teacher_minus_student) each teacher's test accuracy minus the vanilla student's in its language. Our
-construction, not the paper's, meant to make the English teacher stronger: `--student_layers 6`
-keeps only the student's bottom 6 blocks (e5-small's half, MiniLM-L6's depth); the stand-in German teacher
-keeps all of its blocks, and the saved classifiers say num_hidden_layers 6. (README: trained on German
-too, the 6-block student still matches the English teacher.)
+construction, not the paper's, to make the teachers stronger: `--student_layers N` keeps only the
+student's bottom N blocks; the stand-in German teacher keeps all of its blocks, and the saved classifiers
+say num_hidden_layers N. (README: trained on German too, a 6-block student still matches the English
+teacher; a 2-block one falls behind both teachers, beyond noise in German.)
 
 Run (writes OUT_DIR/results.json, results.md, and the first seed's MBLM as OUT_DIR/mblm/<lang>, one
 classifier per branch that model.load_with_head loads, with OUT_DIR/mblm/mblm.json):
     XLT_DATA=../shared/data python mblm.py        # eng + deu teachers, 4 variants; 14 min on one CPU core
     python mblm.py --teachers eng_Latn=sentence-transformers/all-MiniLM-L6-v2,deu_Latn=out/transfer/deu_Latn
-    python mblm.py --student_layers 6 --out_dir out/mblm-l6    # capacity-matched student (ours)
+    python mblm.py --student_layers 2 --out_dir out/mblm-l2    # a weaker student, stronger teachers (ours)
     python mblm.py --device cuda --student xlm-roberta-base --train_layers 12 --lr 3e-5 --classifier_lr 1e-3 \\
         --epochs 5 --teachers eng_Latn=roberta-base,fra_Latn=camembert-base,deu_Latn=bert-base-german-cased
 """
@@ -491,7 +491,7 @@ def parse_args(argv):
     p.add_argument("--student", type=evaluate.nonempty, default=DEFAULT_STUDENT,
                    help="the multilingual checkpoint the student starts from")
     p.add_argument("--student_layers", type=evaluate.positive_int, default=None, help="keep only the student's "
-                   "bottom N blocks (ours: 6 = MiniLM-L6's depth, meant to make the teacher stronger; default: all)")
+                   "bottom N blocks (ours, to make the teachers stronger: 2 does, README; default: all)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
                    help=f"which of {', '.join(VARIANTS)} to train; the first seed's mblm (else the last one) is saved")
     p.add_argument("--branch_layers", type=evaluate.positive_int, default=2, help="k: blocks per language branch")
