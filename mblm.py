@@ -29,13 +29,13 @@ log, teacher_minus_student) each teacher's test accuracy minus the vanilla stude
 construction, not the paper's, to make the teachers stronger: `--student_layers N` keeps only the
 student's bottom N blocks; the stand-in German teacher keeps all of its blocks, and the saved classifiers
 say num_hidden_layers N. (README: trained on German too, a 6-block student still matches the English
-teacher; a 2-block one falls behind both teachers, beyond noise in German.)
+teacher; a 1-block one, with --branch_layers 1, falls clearly behind both teachers.)
 
 Run (writes OUT_DIR/results.json, results.md, and the first seed's MBLM as OUT_DIR/mblm/<lang>, one
 classifier per branch that model.load_with_head loads, with OUT_DIR/mblm/mblm.json):
     XLT_DATA=../shared/data python mblm.py        # eng + deu teachers, 4 variants; 14 min on one CPU core
     python mblm.py --teachers eng_Latn=sentence-transformers/all-MiniLM-L6-v2,deu_Latn=out/transfer/deu_Latn
-    python mblm.py --student_layers 2 --out_dir out/mblm-l2    # a weaker student, stronger teachers (ours)
+    python mblm.py --student_layers 1 --branch_layers 1 --out_dir out/mblm-l1   # weaker student (ours)
     python mblm.py --device cuda --student xlm-roberta-base --train_layers 12 --lr 3e-5 --classifier_lr 1e-3 \\
         --epochs 5 --teachers eng_Latn=roberta-base,fra_Latn=camembert-base,deu_Latn=bert-base-german-cased
 """
@@ -491,7 +491,7 @@ def parse_args(argv):
     p.add_argument("--student", type=evaluate.nonempty, default=DEFAULT_STUDENT,
                    help="the multilingual checkpoint the student starts from")
     p.add_argument("--student_layers", type=evaluate.positive_int, default=None, help="keep only the student's "
-                   "bottom N blocks (ours, to make the teachers stronger: 2 does, README; default: all)")
+                   "bottom N blocks (ours, to make the teachers stronger: 1 does, README; default: all)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME",
                    help=f"which of {', '.join(VARIANTS)} to train; the first seed's mblm (else the last one) is saved")
     p.add_argument("--branch_layers", type=evaluate.positive_int, default=2, help="k: blocks per language branch")
