@@ -440,13 +440,13 @@ def main(argv=None):
 
     for seed in args.seeds:
         # 1. Teachers: soft targets on their language's train split, computed once and kept with the unit.
-        soft, teacher_test = {}, {}
+        soft = {}
         for lang, name in teachers.items():
             if (record := run.done(f"seed{seed}-teacher-{lang}")) is None:
                 model.set_seed(seed)
                 logits, info, tested = make_teacher(lang, ckpt[name], args, seed, device)
                 record = run.finish(f"seed{seed}-teacher-{lang}", {"log": info, "outcomes": tested}, {"logits": logits})
-            soft[lang], teacher_test[lang] = record["tensors"]["logits"].to(device), record["log"]["test_accuracy"]
+            soft[lang] = record["tensors"]["logits"].to(device)
             publish(seed, lang, record["log"]["test_accuracy"], record["log"], record.get("outcomes", {}))
         # 2. The variants: the same student checkpoint, data and soft targets; one set of branches, or none.
         train_sets = {lang: [dict(e, teacher_logits=t) for e, t in zip(student.examples(lang, "train"), soft[lang])]
@@ -465,6 +465,7 @@ def main(argv=None):
                        "zero-shot avg": sum(scores[x] for x in zero_shot) / len(zero_shot) if zero_shot else None}
                 log["seconds"] = round(time.time() - tv, 1)
                 if name == "vanilla":     # the premise: is each teacher stronger in its language than the student?
+                    teacher_test = per_seed[seed]["teachers"]           # published with the teachers above
                     log["teacher_minus_student"] = {x: round(teacher_test[x] - scores[x], 2) for x in supervised}
                     print(f"[mblm] seed {seed}: teacher minus student (vanilla), test: " + ", ".join(
                         f"{x} {v:+.1f}" for x, v in log["teacher_minus_student"].items()))

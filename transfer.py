@@ -157,8 +157,8 @@ def train_foreign_tokenizer(texts, vocab_size, eng_tok):
                                                        special_tokens=[(cls, ids[cls]), (sep, ids[sep])])
     tok.add_special_tokens(list(names.values()))
     if len(ids) > vocab_size:          # WordPiece keeps every character it saw, whatever the size asked for
-        print(f"[transfer] --vocab_size {vocab_size}: the foreign text's characters alone need {len(ids)} ids; "
-              f"the foreign vocabulary has {len(ids)}")
+        print(f"[transfer] --vocab_size {vocab_size}: the foreign text's characters alone need {len(ids)} ids "
+              "(the foreign vocabulary keeps them all)")
     return tok
 
 
